@@ -1,0 +1,14 @@
+"""dit-token-cache: token-wise feature caching (DuCa, ToCa, TokenCache) for
+diffusion transformers in ComfyUI."""
+from comfy_api.v0_0_2 import ComfyExtension
+
+from .nodes.duca_node import DuCaCacheNode
+
+
+class TokenCacheExtension(ComfyExtension):
+    async def get_node_list(self):
+        return [DuCaCacheNode]
+
+
+async def comfy_entrypoint() -> TokenCacheExtension:
+    return TokenCacheExtension()

@@ -1,0 +1,106 @@
+"""State of one sampling run with token caching: the schedule, the cache, the
+token selections and the work accounting. Framework-free: the ComfyUI side
+calls begin_forward/end_forward around each model evaluation and the family
+adapters call the block-level helpers."""
+from dataclasses import dataclass
+from typing import Hashable, Optional, Sequence
+
+import torch
+
+from .cache_store import CacheStore
+from .config import CacheConfig
+from .schedule import CacheSchedule, StepKind
+from .selectors import pick_tokens, random_scores
+from .stats import WorkStats
+
+FINAL = ("final", "hidden")   # cache key of the model's last hidden state, reused by aggressive steps
+
+
+@dataclass
+class ForwardPlan:
+    step: int
+    kind: StepKind
+    fill: bool                 # this evaluation must leave a complete cache behind
+    uuids: list
+
+
+class CacheRun:
+    def __init__(self, config: CacheConfig, sample_sigmas: Sequence[float], start_sigma: float,
+                 end_sigma: float, name: str = "DuCa"):
+        self.config = config
+        self.name = name
+        self.schedule = CacheSchedule(config, sample_sigmas, start_sigma, end_sigma)
+        self.store = CacheStore(torch.device("cpu") if config.cache_device == "cpu" else None)
+        self.stats = WorkStats()
+        self.plan: Optional[ForwardPlan] = None
+        self.last_selection: dict = {}   # block id -> indices picked at the latest conservative step
+        self._signature = None
+
+    # -- per model evaluation -------------------------------------------------
+    def begin_forward(self, sigma: float, uuids: Sequence[Hashable], signature: tuple) -> ForwardPlan:
+        """Decide what this evaluation computes. `signature` (latent shape,
+        dtype, device, rows per cond) changing mid-run invalidates the cache."""
+        if signature != self._signature:
+            if self._signature is not None and self.store.uuids():
+                self.stats.note_once(f"{self.name}: input changed from {self._signature} to {signature}; cache reset")
+            self.store.clear()
+            self._signature = signature
+        step = self.schedule.step_of(sigma)
+        kind = self.schedule.kind(step)
+        fill = kind is not StepKind.FULL or self.schedule.cache_needed_after(step)
+        if kind is not StepKind.FULL and not self.store.has(uuids, FINAL):
+            kind = StepKind.FULL   # nothing cached for these conds yet
+        self.plan = ForwardPlan(step, kind, fill, list(uuids))
+        self.stats.record_step(step, kind)
+        return self.plan
+
+    def end_forward(self) -> None:
+        self.plan = None
+        self.stats.peak_cache_bytes = self.store.peak_bytes
+
+    def close(self) -> None:
+        self.plan = None
+        self.store.clear()
+
+    # -- block-level helpers ----------------------------------------------------
+    def put(self, block_id: int, name: str, tensor: torch.Tensor) -> None:
+        self.store.put(self.plan.uuids, (block_id, name), tensor)
+
+    def get(self, block_id: int, name: str, device: torch.device) -> torch.Tensor:
+        return self.store.get(self.plan.uuids, (block_id, name), device)
+
+    def has(self, block_id: int, name: str) -> bool:
+        return self.store.has(self.plan.uuids, (block_id, name))
+
+    def scatter(self, block_id: int, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        self.store.scatter(self.plan.uuids, (block_id, name), index, values)
+
+    def put_final(self, hidden: torch.Tensor) -> None:
+        self.store.put(self.plan.uuids, FINAL, hidden)
+
+    def get_final(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # a copy: ComfyUI (ControlNet) adds to a block's output in place
+        return self.store.get(self.plan.uuids, FINAL, device).to(dtype=dtype, copy=True)
+
+    def reset_staleness(self, block_id: int, tokens: int, device: torch.device) -> None:
+        self.put(block_id, "staleness", torch.zeros(len(self.plan.uuids), tokens, dtype=torch.int32, device=device))
+
+    def age_all(self, block_id: int, device: torch.device) -> None:
+        """Aggressive step: no token of the block was computed."""
+        if self.has(block_id, "staleness"):
+            self.put(block_id, "staleness", self.get(block_id, "staleness", device) + 1)
+
+    def select(self, block_id: int, tokens: int, scores: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Indices of the tokens this block recomputes at this conservative step,
+        with staleness updated. `scores` is None for the random selector."""
+        staleness = self.get(block_id, "staleness", device)
+        if scores is None:
+            scores = random_scores(tokens, self.config.seed, self.plan.step, block_id).to(device)
+        count = self.config.recompute_count(tokens)
+        index = pick_tokens(scores, staleness.float().mean(dim=0), self.config.staleness_weight,
+                            self.config.cycle_length, count)
+        staleness = staleness + 1
+        staleness[:, index] = 0
+        self.put(block_id, "staleness", staleness)
+        self.last_selection[block_id] = index
+        return index

@@ -1,0 +1,67 @@
+"""Work accounting of one sampling run: what was computed, against what an
+uncached run computes, and the speedup that implies."""
+from dataclasses import dataclass, field
+
+from .schedule import StepKind
+
+
+@dataclass
+class WorkStats:
+    step_kinds: dict = field(default_factory=dict)   # step index -> StepKind actually run
+    flops_computed: float = 0.0
+    flops_uncached: float = 0.0
+    token_blocks_computed: int = 0
+    token_blocks_total: int = 0
+    peak_cache_bytes: int = 0
+    notes: list = field(default_factory=list)        # one-time messages (fallbacks)
+
+    def record_step(self, step: int, kind: StepKind) -> None:
+        # Several evaluations can share a step (split CFG, heun): a step that ran
+        # full in any of them counts as full.
+        if self.step_kinds.get(step) is not StepKind.FULL:
+            self.step_kinds[step] = kind
+
+    def record_block(self, uncached_flops: float, computed_flops: float, tokens: int, computed_tokens: int) -> None:
+        self.flops_uncached += uncached_flops
+        self.flops_computed += computed_flops
+        self.token_blocks_total += tokens
+        self.token_blocks_computed += computed_tokens
+
+    def note_once(self, message: str) -> bool:
+        if message in self.notes:
+            return False
+        self.notes.append(message)
+        return True
+
+    def counts(self) -> dict:
+        values = list(self.step_kinds.values())
+        return {kind.value: values.count(kind) for kind in StepKind}
+
+    @property
+    def work_fraction(self) -> float:
+        """Share of the uncached run's transformer-block FLOPs actually computed."""
+        return self.flops_computed / self.flops_uncached if self.flops_uncached else 1.0
+
+    @property
+    def token_fraction(self) -> float:
+        return self.token_blocks_computed / self.token_blocks_total if self.token_blocks_total else 1.0
+
+    @property
+    def theoretical_speedup(self) -> float:
+        return 1.0 / self.work_fraction if self.work_fraction > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": len(self.step_kinds),
+            **self.counts(),
+            "work_fraction": self.work_fraction,
+            "token_fraction": self.token_fraction,
+            "theoretical_speedup": self.theoretical_speedup,
+            "peak_cache_bytes": self.peak_cache_bytes,
+        }
+
+    def summary(self, name: str) -> str:
+        c = self.counts()
+        return (f"{name}: {len(self.step_kinds)} steps ({c['full']} full, {c['aggressive']} aggressive, "
+                f"{c['conservative']} conservative), computed {100 * self.work_fraction:.1f}% of block work "
+                f"(theoretical {self.theoretical_speedup:.2f}x), cache peak {self.peak_cache_bytes / 2**20:.1f} MiB")

@@ -1,0 +1,1 @@
+"""ComfyUI side of the pack: nodes, the patcher and per-family adapters."""

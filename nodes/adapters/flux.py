@@ -1,0 +1,264 @@
+"""Flux-family adapter: Flux.1 dev/schnell, Flux 2, Chroma and HunyuanVideo all
+run the DoubleStreamBlock / SingleStreamBlock of comfy.ldm.flux.layers.
+
+Everything here is built from the blocks' own submodules (modulation, norms,
+qkv, proj, mlp, linear1/2) and ComfyUI's own attention function, so quantised
+ops, LoRA weight patches and attention overrides keep applying. Conservative
+steps follow the research method: modulation is recomputed every step, cached
+branch outputs are re-gated with the current gate, attention is reused, and
+the MLP runs on the selected tokens only.
+"""
+import torch
+
+from comfy.ldm.flux.layers import apply_mod
+from comfy.ldm.flux.math import apply_rope1, attention
+
+from ...accel_core.schedule import StepKind
+from ...accel_core.selectors import attention_scores, norm_scores, sampled_query_indices, similarity_scores
+
+
+def _linear_params(module) -> int:
+    return sum(p.numel() for name, p in module.named_parameters() if name.endswith("weight") and p.ndim == 2)
+
+
+def _double_mods(block, vec):
+    if block.modulation:
+        img_mod1, img_mod2 = block.img_mod(vec)
+        txt_mod1, txt_mod2 = block.txt_mod(vec)
+        return img_mod1, img_mod2, txt_mod1, txt_mod2
+    (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
+    return img_mod1, img_mod2, txt_mod1, txt_mod2
+
+
+def _single_mod(block, vec):
+    return block.modulation(vec)[0] if block.modulation else vec
+
+
+def _per_token(mods) -> bool:
+    """Modulation that differs along the token axis (Kontext timestep-zero
+    references, HunyuanVideo i2v) cannot be gathered for a token subset."""
+    return any(m.shift.ndim == 3 and m.shift.shape[1] != 1 for m in mods)
+
+
+def _stream_qkv(norm1, attn, mod, x, heads):
+    qkv = attn.qkv(apply_mod(norm1(x), 1 + mod.scale, mod.shift))
+    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn.norm(q, k, v)
+    return q, k, v
+
+
+def _mlp_branch(x, norm2, mlp, mod2):
+    return mlp(apply_mod(norm2(x), 1 + mod2.scale, mod2.shift))
+
+
+def _single_mlp_act(block, mlp):
+    if block.yak_mlp:
+        half = block.mlp_hidden_dim_first // 2
+        return block.mlp_act(mlp[..., half:]) * mlp[..., :half]
+    return block.mlp_act(mlp)
+
+
+class FluxFamilyAdapter:
+    """How to run the Flux family's blocks in full (filling the cache) and on a
+    token subset. Token index space per evaluation: cat(txt, img), the layout of
+    the single-stream blocks; double blocks split it at len(txt)."""
+
+    def __init__(self, diffusion_model, family: str):
+        self.family = family
+        self.double_blocks = list(diffusion_model.double_blocks)
+        self.single_blocks = list(diffusion_model.single_blocks)
+        if not self.single_blocks:
+            raise ValueError(f"{family} model has no single-stream blocks; token caching needs them to hold the final hidden state")
+        skipped = set(getattr(diffusion_model, "skip_dit", ()) or ())
+        self.last_single = max(i for i in range(len(self.single_blocks)) if i not in skipped)
+        self.hidden = diffusion_model.hidden_size
+        first_double = self.double_blocks[0] if self.double_blocks else None
+        # per-token linear FLOPs (2 per weight) of each part, per stream
+        self.double_attn_flops = 2 * (_linear_params(first_double.img_attn)) if first_double else 0
+        self.double_mlp_flops = 2 * (_linear_params(first_double.img_mlp)) if first_double else 0
+        first_single = self.single_blocks[0]
+        self.single_flops = 2 * (_linear_params(first_single.linear1) + _linear_params(first_single.linear2))
+
+    # -- ComfyUI patch entry points ---------------------------------------------
+    def install(self, model_patcher, patch_factory):
+        for i in range(len(self.double_blocks)):
+            model_patcher.set_model_patch_replace(patch_factory(self.double_block, i), "dit", "double_block", i)
+        for i in range(len(self.single_blocks)):
+            model_patcher.set_model_patch_replace(patch_factory(self.single_block, i), "dit", "single_block", i)
+
+    def _attention_flops(self, tokens):
+        return 4 * tokens * tokens * self.hidden
+
+    def double_block(self, run, i, args, original_block):
+        block = self.double_blocks[i]
+        img, txt, vec, pe = args["img"], args["txt"], args["vec"], args["pe"]
+        txt_len, tokens, rows = txt.shape[1], txt.shape[1] + img.shape[1], img.shape[0]
+        full_flops = rows * (tokens * (self.double_attn_flops + self.double_mlp_flops) + self._attention_flops(tokens))
+        plan = run.plan
+        if plan.kind is StepKind.AGGRESSIVE:
+            run.age_all(i, img.device)
+            run.stats.record_block(full_flops, 0, rows * tokens, 0)
+            return {"img": img, "txt": txt}
+        mods = _double_mods(block, vec)
+        if not plan.fill or not self._subset_ok(run, args, mods):
+            run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
+            return original_block(args)
+        img_mod1, img_mod2, txt_mod1, txt_mod2 = mods
+        if plan.kind is StepKind.FULL:
+            out = self._double_full(run, i, block, args, mods)
+            run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
+            return out
+
+        scores = self._scores(run, i, torch.cat((txt, img), dim=1))
+        index = run.select(i, tokens, scores, img.device)
+        txt_index, img_index = index[index < txt_len], index[index >= txt_len] - txt_len
+        img = self._refresh_stream(run, i, "img", img, img_index, block.img_norm2, block.img_mlp, img_mod1, img_mod2)
+        txt = self._refresh_stream(run, i, "txt", txt, txt_index, block.txt_norm2, block.txt_mlp, txt_mod1, txt_mod2)
+        if txt.dtype == torch.float16:
+            txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
+        run.stats.record_block(full_flops, rows * index.numel() * self.double_mlp_flops, rows * tokens, rows * index.numel())
+        return {"img": img, "txt": txt}
+
+    def single_block(self, run, i, args, original_block):
+        block = self.single_blocks[i]
+        block_id = len(self.double_blocks) + i
+        x, vec = args["img"], args["vec"]
+        tokens, rows = x.shape[1], x.shape[0]
+        full_flops = rows * (tokens * self.single_flops + self._attention_flops(tokens))
+        plan = run.plan
+        if plan.kind is StepKind.AGGRESSIVE:
+            run.age_all(block_id, x.device)
+            run.stats.record_block(full_flops, 0, rows * tokens, 0)
+            if i == self.last_single:
+                return {"img": run.get_final(x.device, x.dtype)}
+            return {"img": x}
+        mod = _single_mod(block, vec)
+        if not plan.fill or not self._subset_ok(run, args, [mod]):
+            run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
+            out = original_block(args)
+            if plan.fill and i == self.last_single:
+                run.put_final(out["img"])
+            return out
+        if plan.kind is StepKind.FULL:
+            out = self._single_full(run, block_id, block, args, mod)
+            run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
+        else:
+            index = run.select(block_id, tokens, self._scores(run, block_id, x), x.device)
+            out = self._single_subset(run, block_id, block, x, mod, index)
+            run.stats.record_block(full_flops, rows * index.numel() * self.single_flops, rows * tokens, rows * index.numel())
+        if i == self.last_single:
+            run.put_final(out["img"])
+        return out
+
+    # -- checks -----------------------------------------------------------------
+    def _subset_ok(self, run, args, mods) -> bool:
+        """Blocks that cannot run on a token subset compute in full instead, and
+        say so once."""
+        to = args.get("transformer_options") or {}
+        patches = to.get("patches", {})
+        reason = None
+        if any(args.get(k) is not None for k in ("modulation_dims", "modulation_dims_img", "modulation_dims_txt")) or _per_token(mods):
+            reason = "per-token modulation (reference image at timestep zero, or image-to-video)"
+        elif patches.get("attn1_patch") or patches.get("attn1_output_patch"):
+            reason = "another node patches this model's attention"
+        if reason is None:
+            return True
+        if run.stats.note_once(f"{run.name}: {self.family} blocks with {reason} compute in full"):
+            import logging
+            logging.warning(run.stats.notes[-1])
+        return False
+
+    # -- selection features ---------------------------------------------------------
+    def _keep_features(self, run, block_id, x_joint, q, k, v, pe):
+        selector = run.config.selector
+        if selector == "v_norm":
+            run.put(block_id, "score", norm_scores(v))
+        elif selector == "k_norm":
+            run.put(block_id, "score", norm_scores(k))
+        elif selector == "similarity":
+            run.put(block_id, "input", x_joint)
+        elif selector == "attention":
+            sample = sampled_query_indices(q.shape[2], run.config.attention_queries, run.config.seed, block_id).to(q.device)
+            q_sample = q[:, :, sample]
+            if pe is not None:
+                q_sample = apply_rope1(q_sample, pe[:, :, sample])
+                k = apply_rope1(k, pe)
+            run.put(block_id, "score", attention_scores(q_sample, k))
+
+    def _scores(self, run, block_id, x_joint):
+        selector = run.config.selector
+        if selector == "random":
+            return None
+        if selector == "similarity":
+            return similarity_scores(x_joint, run.get(block_id, "input", x_joint.device))
+        return run.get(block_id, "score", x_joint.device)
+
+    # -- full compute that fills the cache ---------------------------------------
+    def _double_full(self, run, i, block, args, mods):
+        img, txt, pe = args["img"], args["txt"], args["pe"]
+        img_mod1, img_mod2, txt_mod1, txt_mod2 = mods
+        txt_len = txt.shape[1]
+        img_q, img_k, img_v = _stream_qkv(block.img_norm1, block.img_attn, img_mod1, img, block.num_heads)
+        txt_q, txt_k, txt_v = _stream_qkv(block.txt_norm1, block.txt_attn, txt_mod1, txt, block.num_heads)
+        q, k, v = torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2), torch.cat((txt_v, img_v), dim=2)
+        self._keep_features(run, i, torch.cat((txt, img), dim=1), q, k, v, pe)
+        attn = attention(q, k, v, pe=pe, mask=args.get("attn_mask", args.get("attention_mask")),
+                         transformer_options=args.get("transformer_options", {}))
+        del q, k, v
+        img = self._full_stream(run, i, "img", img, block.img_attn.proj(attn[:, txt_len:]), block.img_norm2, block.img_mlp, img_mod1, img_mod2)
+        txt = self._full_stream(run, i, "txt", txt, block.txt_attn.proj(attn[:, :txt_len]), block.txt_norm2, block.txt_mlp, txt_mod1, txt_mod2)
+        if txt.dtype == torch.float16:
+            txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
+        run.reset_staleness(i, txt_len + img.shape[1], img.device)
+        return {"img": img, "txt": txt}
+
+    def _full_stream(self, run, i, stream, x, attn_out, norm2, mlp, mod1, mod2):
+        x = x + apply_mod(attn_out, mod1.gate)
+        mlp_out = _mlp_branch(x, norm2, mlp, mod2)
+        run.put(i, stream + "_attn", attn_out)
+        run.put(i, stream + "_mlp", mlp_out)
+        return x + apply_mod(mlp_out, mod2.gate)
+
+    def _refresh_stream(self, run, i, stream, x, index, norm2, mlp, mod1, mod2):
+        """Cached attention output re-gated for every token; the MLP recomputed
+        for the selected tokens on their current input and written back."""
+        x = x + apply_mod(run.get(i, stream + "_attn", x.device).to(x.dtype), mod1.gate)
+        if index.numel():
+            run.scatter(i, stream + "_mlp", index, _mlp_branch(x[:, index], norm2, mlp, mod2))
+        return x + apply_mod(run.get(i, stream + "_mlp", x.device).to(x.dtype), mod2.gate)
+
+    def _single_full(self, run, block_id, block, args, mod):
+        x, pe = args["img"], args["pe"]
+        qkv, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(x), 1 + mod.scale, mod.shift)),
+                               [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+        del qkv
+        q, k = block.norm(q, k, v)
+        self._keep_features(run, block_id, x, q, k, v, pe)
+        attn = attention(q, k, v, pe=pe, mask=args.get("attn_mask", args.get("attention_mask")),
+                         transformer_options=args.get("transformer_options", {}))
+        del q, k, v
+        output = block.linear2(torch.cat((attn, _single_mlp_act(block, mlp)), 2))
+        run.put(block_id, "attn", attn)
+        run.put(block_id, "out", output)
+        run.reset_staleness(block_id, x.shape[1], x.device)
+        return {"img": self._single_finish(x, mod, output)}
+
+    def _single_subset(self, run, block_id, block, x, mod, index):
+        """Selected tokens: MLP half of linear1 on their current input, joined
+        with their stale attention output through linear2. Every token adds the
+        current gate times the (partly refreshed) cached output."""
+        if index.numel():
+            x_sel = x[:, index]
+            _, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(x_sel), 1 + mod.scale, mod.shift)),
+                                 [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
+            attn = run.get(block_id, "attn", x.device)[:, index].to(x.dtype)
+            run.scatter(block_id, "out", index, block.linear2(torch.cat((attn, _single_mlp_act(block, mlp)), 2)))
+        return {"img": self._single_finish(x, mod, run.get(block_id, "out", x.device).to(x.dtype))}
+
+    @staticmethod
+    def _single_finish(x, mod, output):
+        x = x + apply_mod(output, mod.gate)
+        if x.dtype == torch.float16:
+            x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+        return x

@@ -1,0 +1,59 @@
+"""The DuCa Cache node: MODEL in, token-cached MODEL out."""
+from comfy_api.v0_0_2 import io
+
+from ..accel_core.config import CACHE_DEVICES, MODES, SELECTORS, CacheConfig
+from .families import supported_families
+from .patcher import apply_token_cache
+
+CATEGORY = "sampling/token_cache"
+
+
+class DuCaCacheNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DuCaCache",
+            display_name="DuCa Cache",
+            category=CATEGORY,
+            description=("Dual Feature Caching for diffusion transformers: every cycle starts with a full step, "
+                         "then alternates aggressive steps (reuse every block) and conservative steps (recompute a "
+                         f"subset of tokens in each block). Supported: {supported_families()}."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion transformer to accelerate. The input model is not changed."),
+                io.Float.Input("cache_ratio", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of tokens that reuse the cache at a conservative step "
+                                       "(0.9: 10% of tokens are recomputed in each block)."),
+                io.Int.Input("cycle_length", default=5, min=1, max=100,
+                             tooltip="A full step every N steps; 1 turns caching off. Higher is faster and drifts more."),
+                io.Combo.Input("selector", options=list(SELECTORS), default="random",
+                               tooltip="Which tokens a conservative step recomputes. random needs no attention map and "
+                                       "keeps fast attention kernels; v_norm/k_norm: smallest value/key norms first; "
+                                       "similarity: most changed inputs first; attention: most attended tokens, "
+                                       "estimated from a sample of queries."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Caching starts at this point of the sampling schedule; earlier steps compute in full."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Caching ends at this point of the sampling schedule; later steps compute in full."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=io.ControlAfterGenerate.fixed,
+                             tooltip="Seed of the random token selector: the same seed reproduces the same image."),
+                io.Combo.Input("mode", options=list(MODES), default="duca", advanced=True,
+                               tooltip="duca: alternate aggressive and conservative steps; toca: conservative steps only; "
+                                       "fora: aggressive steps only (step-level reuse)."),
+                io.Float.Input("staleness_weight", default=0.25, min=0.0, max=10.0, step=0.01, advanced=True,
+                               tooltip="Bonus for tokens that have reused the cache for long, so they are recomputed sooner."),
+                io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model_device", advanced=True,
+                               tooltip="Where the cache lives: with the model (fastest) or in CPU memory (saves GPU memory, "
+                                       "costs transfers)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with DuCa token caching.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, cache_ratio, cycle_length, selector, start_percent, end_percent, seed,
+                mode="duca", staleness_weight=0.25, cache_device="model_device") -> io.NodeOutput:
+        config = CacheConfig(cache_ratio=cache_ratio, cycle_length=cycle_length, selector=selector,
+                             start_percent=start_percent, end_percent=end_percent, seed=seed, mode=mode,
+                             staleness_weight=staleness_weight, cache_device=cache_device)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        return io.NodeOutput(apply_token_cache(model, config, name=f"DuCa[{mode}]", node_id=node_id))

@@ -1,0 +1,33 @@
+"""Which diffusion transformers the pack can cache, and the adapter for each."""
+import importlib
+
+from .adapters.flux import FluxFamilyAdapter
+
+# (family name users know, ComfyUI module, class name, adapter class)
+FAMILIES = (
+    ("Flux (Flux.1 dev/schnell, Flux 2, Kontext)", "comfy.ldm.flux.model", "Flux", FluxFamilyAdapter),
+    ("Chroma", "comfy.ldm.chroma.model", "Chroma", FluxFamilyAdapter),
+    ("HunyuanVideo", "comfy.ldm.hunyuan_video.model", "HunyuanVideo", FluxFamilyAdapter),
+)
+
+
+def supported_families() -> str:
+    return ", ".join(name for name, *_ in FAMILIES)
+
+
+def adapter_for(model_patcher):
+    """The family adapter for a ComfyUI MODEL, or a ValueError naming the model
+    and the supported families."""
+    base_model = getattr(model_patcher, "model", None)
+    diffusion_model = getattr(base_model, "diffusion_model", None)
+    if diffusion_model is None:
+        raise ValueError(f"Token caching needs a diffusion model; got {type(base_model).__name__}. "
+                         f"Supported families: {supported_families()}.")
+    for name, module_name, class_name, adapter_class in FAMILIES:
+        # exact class: subclasses (Chroma Radiance, ControlNet-Flux) run other forwards
+        if type(diffusion_model) is getattr(importlib.import_module(module_name), class_name):
+            return adapter_class(diffusion_model, name.split(" (")[0])
+    raise ValueError(
+        f"Token caching does not support this model yet: {type(base_model).__name__} "
+        f"({type(diffusion_model).__module__}.{type(diffusion_model).__name__}). "
+        f"Supported families: {supported_families()}.")

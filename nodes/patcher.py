@@ -1,0 +1,101 @@
+"""Wires a CacheRun into ComfyUI's sampling: an OUTER_SAMPLE wrapper gives each
+sampling run its own fresh state and always tears it down, an APPLY_MODEL
+wrapper tells the run which step each evaluation is, and block-replace patches
+hand every block call to the family adapter."""
+import functools
+import logging
+
+import comfy.model_patcher
+import comfy.patcher_extension
+
+from ..accel_core.config import CacheConfig
+from ..accel_core.run import CacheRun
+from .families import adapter_for
+
+WRAPPER_KEY = "dit_token_cache"
+SETTINGS_KEY = "dit_token_cache"      # in transformer_options: this model's TokenCacheSettings
+RUN_KEY = "dit_token_cache_run"       # in transformer_options: the CacheRun of the sampling run under way
+
+
+class TokenCacheSettings:
+    """What the node chose. A fresh CacheRun is made from it for every sampling
+    run, so two KSamplers sharing one patched model never share state."""
+
+    def __init__(self, config: CacheConfig, name: str, node_id=None):
+        self.config = config
+        self.name = name
+        self.node_id = node_id
+        self.last_run = None   # the latest finished run, for its statistics
+
+    def new_run(self, model_sampling, sample_sigmas) -> CacheRun:
+        start_sigma = float(model_sampling.percent_to_sigma(self.config.start_percent))
+        end_sigma = float(model_sampling.percent_to_sigma(self.config.end_percent))
+        return CacheRun(self.config, [float(s) for s in sample_sigmas], start_sigma, end_sigma, name=self.name)
+
+
+def _show_on_node(settings: TokenCacheSettings, text: str) -> None:
+    if settings.node_id is None:
+        return
+    try:
+        from server import PromptServer
+        if PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text(text, settings.node_id)
+    except (ImportError, AttributeError):
+        pass   # ComfyUI used as a library: no server to show it on
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    guider = executor.class_obj
+    original_options = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    transformer_options = guider.model_options["transformer_options"]
+    settings: TokenCacheSettings = transformer_options[SETTINGS_KEY]
+    sigmas = args[3]
+    run = settings.new_run(guider.model_patcher.model.model_sampling, sigmas)
+    transformer_options[RUN_KEY] = run
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        summary = run.stats.summary(settings.name)
+        logging.info(summary)
+        _show_on_node(settings, summary)
+        run.close()
+        settings.last_run = run
+        guider.model_options = original_options
+
+
+def apply_model_wrapper(executor, x, t, *args, **kwargs):
+    transformer_options = kwargs.get("transformer_options", args[-1] if args else {})
+    run: CacheRun = transformer_options.get(RUN_KEY)
+    if run is None:
+        return executor(x, t, *args, **kwargs)
+    uuids = transformer_options.get("uuids") or [None]
+    rows = x.shape[0] // len(uuids)
+    run.begin_forward(float(t.flatten()[0]), uuids, (tuple(x.shape[1:]), x.dtype, x.device, rows))
+    try:
+        return executor(x, t, *args, **kwargs)
+    finally:
+        run.end_forward()
+
+
+def _block_patch(adapter_method, index, args, extra):
+    run: CacheRun = (args.get("transformer_options") or {}).get(RUN_KEY)
+    if run is None or run.plan is None:
+        return extra["original_block"](args)
+    return adapter_method(run, index, args, extra["original_block"])
+
+
+def _patch_factory(adapter_method, index):
+    return functools.partial(_block_patch, adapter_method, index)
+
+
+def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=None):
+    """A patched clone of `model`; the input model is left as it was."""
+    adapter = adapter_for(model)
+    patched = model.clone()
+    settings = TokenCacheSettings(config, name, node_id)
+    patched.model_options["transformer_options"][SETTINGS_KEY] = settings
+    adapter.install(patched, _patch_factory)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
+    return patched

@@ -1,0 +1,349 @@
+"""Tiny random-weight diffusion-transformer checkpoints that ComfyUI loads as the real thing.
+
+Each family is saved as a safetensors file in that family's own ComfyUI key layout, so
+`comfy.sd.load_diffusion_model(path)` detects it through ComfyUI's own model detection and
+returns a normal ModelPatcher. Weights are random but seeded (same seed -> bit-identical file)
+and large enough that the model output depends on its input, so caching and sampling tests
+see real differences.
+
+ComfyUI is imported lazily inside the functions. Every public function first calls
+`ensure_comfy()`, which puts the ComfyUI tree on sys.path (argument, else $DTC_COMFYUI, else
+<repo>/.dtc/ComfyUI) and, if ComfyUI's model management is not imported yet, sets
+`args.cpu = True` before anything else from comfy is imported. Inside a running ComfyUI the
+tree is already importable and its device settings are left alone.
+
+Adding a family (Wan, SD3, Qwen-Image, PixArt...) means adding one FamilySpec to FAMILIES:
+the constructor kwargs that ComfyUI's model_detection derives back from the weights, the size
+presets, and what its conditioning and latents look like.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_COMFYUI = Path(__file__).resolve().parents[1] / ".dtc" / "ComfyUI"
+# Bump when the weight layout or init changes, so cached files are rebuilt.
+FORMAT_VERSION = 1
+METADATA_KEY = "dtc_tiny_model"
+# model_detection derives num_heads as hidden_size // 128 for these families.
+HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    model_class: str  # dotted path of the diffusion model class ComfyUI should detect
+    config: dict  # constructor kwargs that model_detection derives back from the weights
+    sizes: dict  # size name -> values for the tunable keys
+    tunable: frozenset  # keys callers may override; every other key is forced by detection
+    latent_format: str  # class name in comfy.latent_formats
+    pooled_dim: int | None  # width of pooled_output, None if the family takes none
+    guidance: float | None  # distilled guidance put into the conditioning
+    default_cfg: float
+    default_frames: int | None = None  # pixel frames of a video latent
+
+
+_FLUX_CONFIG = {
+    "image_model": "flux",
+    "in_channels": 16,
+    "out_channels": 16,
+    "vec_in_dim": 768,
+    # 1024 matches ComfyUI's LotusConditioning output ([1, 77, 1024]), usable without a text encoder.
+    "context_in_dim": 1024,
+    "mlp_ratio": 4.0,
+    "axes_dim": [16, 56, 56],
+    "theta": 10000,
+    "patch_size": 2,
+    "qkv_bias": True,
+    "txt_ids_dims": [],
+}
+_FLUX_SIZES = {
+    "tiny": {"hidden_size": 256, "depth": 2, "depth_single_blocks": 2, "dtype": "float32"},
+    "bench": {"hidden_size": 768, "depth": 4, "depth_single_blocks": 8, "dtype": "bfloat16"},
+}
+_TUNABLE = frozenset({"hidden_size", "depth", "depth_single_blocks", "context_in_dim", "dtype"})
+
+FAMILIES = {
+    "flux_dev": FamilySpec(
+        model_class="comfy.ldm.flux.model.Flux",
+        config={**_FLUX_CONFIG, "guidance_embed": True},
+        sizes=_FLUX_SIZES,
+        tunable=_TUNABLE,
+        latent_format="Flux",
+        pooled_dim=768,
+        guidance=3.5,
+        default_cfg=1.0,
+    ),
+    "flux_schnell": FamilySpec(
+        model_class="comfy.ldm.flux.model.Flux",
+        config={**_FLUX_CONFIG, "guidance_embed": False},
+        sizes=_FLUX_SIZES,
+        tunable=_TUNABLE,
+        latent_format="Flux",
+        pooled_dim=768,
+        guidance=None,
+        default_cfg=1.0,
+    ),
+    # Detection pins the modulation approximator (64 -> 5120 x 5 layers -> 3072) and the
+    # modulation width must equal hidden_size, so Chroma cannot shrink below hidden 3072;
+    # only the block counts and the text width are free.
+    "chroma": FamilySpec(
+        model_class="comfy.ldm.chroma.model.Chroma",
+        config={
+            "image_model": "chroma",
+            "in_channels": 64,
+            "out_channels": 64,
+            "context_in_dim": 1024,
+            "hidden_size": 3072,
+            "mlp_ratio": 4.0,
+            "axes_dim": [16, 56, 56],
+            "theta": 10000,
+            "patch_size": 2,
+            "qkv_bias": True,
+            "in_dim": 64,
+            "out_dim": 3072,
+            "hidden_dim": 5120,
+            "n_layers": 5,
+            "txt_ids_dims": [],
+            "vec_in_dim": None,
+        },
+        sizes={
+            "tiny": {"depth": 1, "depth_single_blocks": 1, "dtype": "bfloat16"},
+            "bench": {"depth": 2, "depth_single_blocks": 4, "dtype": "bfloat16"},
+        },
+        tunable=frozenset({"depth", "depth_single_blocks", "context_in_dim", "dtype"}),
+        latent_format="Flux",
+        pooled_dim=None,
+        guidance=None,
+        default_cfg=4.0,
+    ),
+    "hunyuan_video": FamilySpec(
+        model_class="comfy.ldm.hunyuan_video.model.HunyuanVideo",
+        config={
+            "image_model": "hunyuan_video",
+            "in_channels": 16,
+            "out_channels": 16,
+            "patch_size": [1, 2, 2],
+            "vec_in_dim": 768,
+            "context_in_dim": 256,
+            "mlp_ratio": 4.0,
+            "axes_dim": [16, 56, 56],
+            "theta": 256,
+            "qkv_bias": True,
+            "guidance_embed": True,
+            "byt5": False,
+            "meanflow": False,
+            "use_cond_type_embedding": False,
+            "vision_in_dim": None,
+            "meanflow_sum": False,
+        },
+        sizes={
+            "tiny": {"hidden_size": 256, "depth": 2, "depth_single_blocks": 2, "dtype": "float32"},
+            "bench": {"hidden_size": 768, "depth": 4, "depth_single_blocks": 8, "dtype": "bfloat16"},
+        },
+        tunable=_TUNABLE,
+        latent_format="HunyuanVideo",
+        pooled_dim=768,
+        guidance=6.0,
+        default_cfg=1.0,
+        default_frames=5,
+    ),
+}
+
+
+def ensure_comfy(comfy_path=None) -> Path:
+    """Make ComfyUI importable; force CPU unless ComfyUI's device setup already ran."""
+    path = Path(comfy_path or os.environ.get("DTC_COMFYUI") or DEFAULT_COMFYUI).resolve()
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    if "comfy.model_management" not in sys.modules:
+        from comfy.cli_args import args
+
+        args.cpu = True
+    return path
+
+
+def _spec(family: str) -> FamilySpec:
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}") from None
+
+
+def model_config(family: str, size: str = "tiny", **overrides) -> dict:
+    """Constructor kwargs (plus "dtype") for one family at one size."""
+    spec = _spec(family)
+    if size not in spec.sizes:
+        raise ValueError(f"unknown size {size!r} for {family}; known: {sorted(spec.sizes)}")
+    fixed = set(overrides) - spec.tunable
+    if fixed:
+        raise ValueError(f"{family}: {sorted(fixed)} are forced by ComfyUI's detection; tunable: {sorted(spec.tunable)}")
+    config = {**spec.config, **spec.sizes[size], **overrides}
+    if config["hidden_size"] % HEAD_DIM:
+        raise ValueError(f"{family}: hidden_size must be a multiple of {HEAD_DIM}")
+    config["num_heads"] = config["hidden_size"] // HEAD_DIM
+    return config
+
+
+def _import(dotted: str):
+    module, _, name = dotted.rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+def _randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Refill every parameter from one seeded stream.
+
+    Nothing keeps its usual zero/identity init: zero-initialised gates and modulations would
+    make whole blocks no-ops. Fan-in-scaled normals keep activations O(1) through the blocks.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim >= 2:
+                param.copy_(noise * param[0].numel() ** -0.5)
+            elif name.endswith("bias"):
+                param.copy_(noise * 0.02)
+            else:  # norm scales
+                param.copy_(1.0 + noise * 0.1)
+
+
+def build_state_dict(family: str, seed: int = 0, size: str = "tiny", **overrides) -> dict:
+    """Random weights for one family, keyed the way ComfyUI saves that family."""
+    ensure_comfy()
+    config = model_config(family, size, **overrides)
+    dtype = getattr(torch, config.pop("dtype"))
+    model_class = _import(_spec(family).model_class)
+    # Built on the meta device with plain torch.nn ops: no time spent on an init we replace.
+    model = model_class(**config, dtype=dtype, device="meta", operations=torch.nn)
+    model.to_empty(device="cpu")
+    if len(model.state_dict()) != len(list(model.parameters())):
+        raise RuntimeError(f"{family}: buffers in the state dict would be saved uninitialised")
+    _randomize_(model, seed)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def _metadata(family: str, seed: int, size: str, overrides: dict) -> dict:
+    description = {
+        "format": FORMAT_VERSION,
+        "family": family,
+        "seed": seed,
+        "config": model_config(family, size, **overrides),
+    }
+    # One key only: safetensors does not promise an order for several metadata entries.
+    return {METADATA_KEY: json.dumps(description, sort_keys=True)}
+
+
+def build_checkpoint(family: str, path, seed: int = 0, size: str = "tiny", **overrides) -> Path:
+    """Write the checkpoint to `path` unless a file built with the same config is already there."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    metadata = _metadata(family, seed, size, overrides)
+    if path.exists():
+        with safe_open(str(path), "pt") as existing:
+            if existing.metadata() == metadata:
+                return path
+    state_dict = build_state_dict(family, seed, size, **overrides)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a concurrent reader never sees a half-written file.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    save_file(state_dict, str(partial), metadata=metadata)
+    os.replace(partial, path)
+    return path
+
+
+def load(family: str, path):
+    """ModelPatcher via ComfyUI's own detection; fails if it detects another model class."""
+    ensure_comfy()
+    import comfy.sd
+
+    patcher = comfy.sd.load_diffusion_model(str(path))
+    expected = _import(_spec(family).model_class)
+    detected = type(patcher.model.diffusion_model)
+    if detected is not expected:
+        raise RuntimeError(f"{path}: ComfyUI detected {detected.__name__}, expected {expected.__name__} for {family}")
+    return patcher
+
+
+def _randn(shape, seed: int, stream: int) -> torch.Tensor:
+    # Separate streams so e.g. the negative does not change when the positive's length does.
+    generator = torch.Generator().manual_seed(seed * 1000 + stream)
+    return torch.randn(shape, generator=generator)
+
+
+def conditioning(family: str, model_patcher=None, seed: int = 0, tokens: int = 16, neg_tokens: int | None = None, batch: int = 1):
+    """(positive, negative) in ComfyUI's conditioning format, deterministic from `seed`.
+
+    The text width comes from `model_patcher` when given (checkpoints built with another
+    context_in_dim), else from the family's default. Give `neg_tokens` != `tokens` to stop
+    ComfyUI from batching cond and uncond together.
+    """
+    spec = _spec(family)
+    if model_patcher is not None:
+        context_dim = model_patcher.model.model_config.unet_config["context_in_dim"]
+    else:
+        context_dim = spec.config["context_in_dim"]
+
+    def one(length: int, stream: int):
+        extra = {}
+        if spec.pooled_dim is not None:
+            extra["pooled_output"] = _randn((batch, spec.pooled_dim), seed, stream + 1)
+        if spec.guidance is not None:
+            extra["guidance"] = spec.guidance
+        return [[_randn((batch, length, context_dim), seed, stream), extra]]
+
+    return one(tokens, 0), one(tokens if neg_tokens is None else neg_tokens, 2)
+
+
+def empty_latent(family: str, width: int, height: int, batch: int = 1, frames: int | None = None) -> dict:
+    """Zero latent shaped like the family's empty-latent node makes it (`frames` in pixel frames)."""
+    ensure_comfy()
+    import comfy.latent_formats
+
+    spec = _spec(family)
+    fmt = getattr(comfy.latent_formats, spec.latent_format)
+    down = fmt.spacial_downscale_ratio
+    shape = [batch, fmt.latent_channels, height // down, width // down]
+    if fmt.latent_dimensions == 3:
+        frames = frames or spec.default_frames
+        shape.insert(2, (frames - 1) // fmt.temporal_downscale_ratio + 1)
+    return {"samples": torch.zeros(shape)}
+
+
+def sample(
+    model_patcher,
+    family: str,
+    steps: int = 4,
+    seed: int = 0,
+    cfg: float | None = None,
+    sampler: str = "euler",
+    scheduler: str = "simple",
+    width: int = 64,
+    height: int = 64,
+    denoise: float = 1.0,
+    latent: dict | None = None,
+    positive=None,
+    negative=None,
+    frames: int | None = None,
+) -> torch.Tensor:
+    """Run ComfyUI's real KSampler path (nodes.common_ksampler); returns the output latent."""
+    ensure_comfy()
+    import nodes
+
+    if latent is None:
+        latent = empty_latent(family, width, height, frames=frames)
+    if positive is None or negative is None:
+        default_positive, default_negative = conditioning(family, model_patcher)
+        positive = default_positive if positive is None else positive
+        negative = default_negative if negative is None else negative
+    cfg = _spec(family).default_cfg if cfg is None else cfg
+    (out,) = nodes.common_ksampler(model_patcher, seed, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=denoise)
+    return out["samples"]
