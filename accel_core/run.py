@@ -52,6 +52,7 @@ class CacheRun:
             kind = StepKind.FULL   # nothing cached for these conds yet
         self.plan = ForwardPlan(step, kind, fill, list(uuids))
         self.stats.record_step(step, kind)
+        self.stats.evaluations += 1
         return self.plan
 
     def end_forward(self) -> None:

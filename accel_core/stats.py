@@ -8,6 +8,7 @@ from .schedule import StepKind
 @dataclass
 class WorkStats:
     step_kinds: dict = field(default_factory=dict)   # step index -> StepKind actually run
+    evaluations: int = 0                             # model calls (split CFG and heun make several per step)
     flops_computed: float = 0.0
     flops_uncached: float = 0.0
     token_blocks_computed: int = 0
@@ -53,6 +54,7 @@ class WorkStats:
     def as_dict(self) -> dict:
         return {
             "steps": len(self.step_kinds),
+            "evaluations": self.evaluations,
             **self.counts(),
             "work_fraction": self.work_fraction,
             "token_fraction": self.token_fraction,
