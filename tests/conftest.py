@@ -1,6 +1,5 @@
 """Tests run against the real pinned ComfyUI (scripts/setup_env.sh puts it in
 .dtc/ComfyUI and writes DTC_COMFYUI; `make test` exports it)."""
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -9,7 +8,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("DTC_COMFYUI", REPO / ".dtc" / "ComfyUI")).resolve()
-PACKAGE = "dit_token_cache"
 
 if not (COMFYUI / "comfy").is_dir():
     raise RuntimeError(f"No ComfyUI at {COMFYUI}: run `make test` (it sets one up) or set DTC_COMFYUI")
@@ -22,19 +20,9 @@ from comfy.cli_args import args  # noqa: E402
 
 args.cpu = True
 
+from pack_loader import import_pack  # noqa: E402
 
-def _import_pack():
-    """The pack as ComfyUI sees it: a package directory loaded by path."""
-    if PACKAGE in sys.modules:
-        return sys.modules[PACKAGE]
-    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_import_pack()
+import_pack()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,21 @@
+# `make test` and `make demo` set everything up on a fresh machine
+# (scripts/setup_env.sh: venv with the pinned torch stack, ComfyUI 0.30.0).
+SHELL := /bin/bash
+ENV := .dtc/env
+
+.PHONY: setup test demo bench clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+test: setup
+	@source $(ENV) && DTC_COMFYUI=$$DTC_COMFYUI $$DTC_PYTHON -m pytest tests -q -p no:cacheprovider
+
+demo: setup
+	@source $(ENV) && DTC_COMFYUI=$$DTC_COMFYUI $$DTC_PYTHON scripts/demo.py
+
+bench: setup
+	@source $(ENV) && DTC_COMFYUI=$$DTC_COMFYUI $$DTC_PYTHON bench/bench_flux.py
+
+clean:
+	rm -rf .dtc
