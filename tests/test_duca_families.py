@@ -1,0 +1,52 @@
+"""Every supported family: ComfyUI's own detection loads a tiny checkpoint, DuCa
+is exact where nothing is cached, and cached steps really run."""
+import pytest
+import torch
+
+import comfy.model_patcher
+import tiny_models
+
+from dit_token_cache.accel_core.config import CacheConfig
+from dit_token_cache.nodes.families import supported_families
+from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
+
+# family -> sampling arguments small enough for 2 CPU cores
+CASES = {
+    "flux_schnell": dict(width=64, height=64, cfg=1.0),
+    "chroma": dict(width=32, height=32, cfg=3.0),
+    "hunyuan_video": dict(width=32, height=32, cfg=1.0, frames=5),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def family_model(request, model_dir):
+    family = request.param
+    path = tiny_models.build_checkpoint(family, model_dir / f"{family}_tiny.safetensors")
+    return family, tiny_models.load(family, path)
+
+
+def _sample(family, model, **kw):
+    return tiny_models.sample(model, family, steps=6, seed=11, **{**CASES[family], **kw})
+
+
+def test_family_exact_at_cycle_one_and_cached_otherwise(family_model):
+    family, model = family_model
+    base = _sample(family, model)
+    assert torch.equal(_sample(family, apply_token_cache(model, CacheConfig(cycle_length=1))), base)
+
+    patched = apply_token_cache(model, CacheConfig(cycle_length=3, cache_ratio=0.5))
+    out = _sample(family, patched)
+    stats = patched.model_options["transformer_options"][SETTINGS_KEY].last_run.stats
+    assert stats.counts() == {"full": 2, "aggressive": 2, "conservative": 2}
+    assert 0.0 < stats.token_fraction < 1.0 and not stats.notes
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    assert torch.equal(out, _sample(family, apply_token_cache(model, CacheConfig(cycle_length=3, cache_ratio=0.5))))
+    print(f"{family}: rel L2 vs uncached {float((out - base).norm() / base.norm()):.4f}")
+
+
+def test_unsupported_model_is_named_with_the_supported_families(family_model):
+    _, model = family_model
+    other = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError) as error:
+        apply_token_cache(other, CacheConfig())
+    assert "Linear" in str(error.value) and supported_families() in str(error.value)

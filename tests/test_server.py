@@ -1,0 +1,408 @@
+"""The pack inside a real headless ComfyUI server: it loads, its node is described the way the
+web UI needs, the example workflows are valid and run (on tiny checkpoints), and bad settings
+are refused without taking the server down.
+
+One server per module (start-up is ~10 s on CPU). It runs from $DTC_COMFYUI with --cpu on a
+free loopback port; models, input, output, temp and user folders are in a tmp dir, and it is
+always stopped by its own pid.
+"""
+import copy
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import workflow_tools as wt
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI = Path(os.environ.get("DTC_COMFYUI", REPO / ".dtc" / "ComfyUI")).resolve()
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+DEV_DUCA = REPO / "workflows" / "flux_dev_t2i_duca.json"
+PACK_DIR_NAME = "dit-token-cache"
+
+START_TIMEOUT = 90.0
+PROMPT_TIMEOUT = 90.0
+
+# Tiny stand-in for each diffusion model the example workflows load.
+TINY_FAMILY = {
+    "flux1-dev.safetensors": "flux_dev",
+    "flux1-schnell.safetensors": "flux_schnell",
+}
+TINY_STEPS = 6
+
+DUCA_WIDGETS = ["cache_ratio", "cycle_length", "selector", "start_percent", "end_percent", "seed",
+                "mode", "staleness_weight", "cache_device"]
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+SUMMARY = re.compile(r"DuCa\[(\w+)\]: (\d+) steps \((\d+) full, (\d+) aggressive, (\d+) conservative\)")
+
+
+# --------------------------------------------------------------------------- server
+
+
+class Server:
+    def __init__(self, url, proc, log_path, output_dir):
+        self.url = url
+        self.proc = proc
+        self.log_path = log_path
+        self.output_dir = output_dir
+
+    def log(self) -> str:
+        return ANSI.sub("", self.log_path.read_text(errors="replace"))
+
+    def log_tail(self, chars=6000) -> str:
+        return self.log()[-chars:]
+
+    def request(self, method, path, body=None, timeout=30.0):
+        """(HTTP status, parsed JSON body or text)."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            status, raw = err.code, err.read()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def get(self, path):
+        status, body = self.request("GET", path)
+        assert status == 200, f"GET {path}: HTTP {status}: {body}"
+        return body
+
+    def alive(self) -> bool:
+        if self.proc.poll() is not None:
+            return False
+        try:
+            return self.request("GET", "/system_stats", timeout=5)[0] == 200
+        except OSError:
+            return False
+
+    def queue(self, prompt):
+        """POST /prompt; returns (HTTP status, response body)."""
+        return self.request("POST", "/prompt", {"prompt": prompt, "client_id": "dtc-test-server"})
+
+    def run(self, prompt, timeout=PROMPT_TIMEOUT):
+        """Queue a prompt that must pass validation; returns (history entry, log written meanwhile)."""
+        log_start = len(self.log())
+        status, body = self.queue(prompt)
+        assert status == 200, f"/prompt refused the prompt: HTTP {status}: {json.dumps(body, indent=1)[:4000]}"
+        prompt_id = body["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            entry = history.get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None and (
+                    entry["status"]["completed"] or entry["status"].get("status_str") == "error"):
+                return entry, self.log()[log_start:]
+            assert self.proc.poll() is None, f"server died while running {prompt_id}:\n{self.log_tail()}"
+            time.sleep(0.2)
+        raise AssertionError(f"prompt {prompt_id} did not finish within {timeout} s:\n{self.log_tail()}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc):
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=15)
+
+
+def _die_with_parent():
+    """Linux: the server gets SIGTERM if the test process dies without running its teardown."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _tiny_checkpoints(model_dir: Path, diffusion_dir: Path) -> dict:
+    """Builds (or reuses) the tiny checkpoints and puts them where the server looks."""
+    from tiny_models import build_checkpoint  # scripts/, on sys.path through conftest
+
+    names = {}
+    diffusion_dir.mkdir(parents=True, exist_ok=True)
+    for family in sorted(set(TINY_FAMILY.values())):
+        cached = build_checkpoint(family, model_dir / f"{family}_tiny.safetensors")
+        name = f"tiny_{family}.safetensors"
+        shutil.copyfile(cached, diffusion_dir / name)
+        names[family] = name
+    return names
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_dir):
+    base = tmp_path_factory.mktemp("comfy_server")
+    tiny_names = _tiny_checkpoints(model_dir, base / "models" / "diffusion_models")
+    for sub in ("output", "input", "temp", "user"):
+        (base / sub).mkdir()
+    port = _free_port()
+    log_path = base / "server.log"
+    command = [
+        sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+        "--models-directory", str(base / "models"), "--output-directory", str(base / "output"),
+        "--input-directory", str(base / "input"), "--temp-directory", str(base / "temp"),
+        "--user-directory", str(base / "user"), "--database-url", "sqlite:///:memory:",
+        "--disable-auto-launch",
+    ]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(command, cwd=COMFYUI, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    srv = Server(f"http://127.0.0.1:{port}", proc, log_path, base / "output")
+    srv.tiny_names = tiny_names
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not srv.alive():
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with code {proc.returncode} while starting:\n{srv.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"ComfyUI was not ready within {START_TIMEOUT} s:\n{srv.log_tail()}")
+            time.sleep(0.25)
+        srv.started_in = START_TIMEOUT - (deadline - time.monotonic())
+        yield srv
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return wt.load_object_info(server.url)
+
+
+def _tiny_prompt(server, object_info, workflow_path, prefix=None, **duca_overrides):
+    workflow = json.loads(workflow_path.read_text())
+    api = wt.ui_to_api(workflow, object_info)
+    unets = [n["inputs"]["unet_name"] for n in api.values() if n["class_type"] == "UNETLoader"]
+    assert len(unets) == 1, f"{workflow_path.name}: expected one UNETLoader, found {unets}"
+    assert unets[0] in TINY_FAMILY, f"{workflow_path.name}: no tiny stand-in for {unets[0]}; add it to TINY_FAMILY"
+    tiny = server.tiny_names[TINY_FAMILY[unets[0]]]
+    prompt = wt.substitute_tiny_model(api, tiny, width=64, height=64, steps=TINY_STEPS,
+                                      filename_prefix=f"latents/{prefix or workflow_path.stem}")
+    for node in prompt.values():
+        if node["class_type"] == "DuCaCache":
+            node["inputs"].update(duca_overrides)
+    return prompt
+
+
+def _node_of(prompt, class_type):
+    found = [(nid, node) for nid, node in prompt.items() if node["class_type"] == class_type]
+    assert len(found) == 1, f"expected one {class_type}, found {len(found)}"
+    return found[0]
+
+
+def _expected_counts(mode, cycle_length, steps):
+    """(full, aggressive, conservative) for a whole-schedule window, from the DuCa/ToCa/FORA rules."""
+    counts = {"full": 0, "aggressive": 0, "conservative": 0}
+    for step in range(steps):
+        position = step % cycle_length
+        if position == 0:
+            counts["full"] += 1
+        elif mode == "toca":
+            counts["conservative"] += 1
+        elif mode == "fora":
+            counts["aggressive"] += 1
+        else:
+            counts["aggressive" if position % 2 == 1 else "conservative"] += 1
+    return counts["full"], counts["aggressive"], counts["conservative"]
+
+
+def _error_messages(entry):
+    return [data for kind, data in entry["status"].get("messages", []) if kind == "execution_error"]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_pack_loads_without_errors(server):
+    log = server.log()
+    bad = [line for line in log.splitlines()
+           if PACK_DIR_NAME in line and re.search(r"Cannot import|IMPORT FAILED|Error while calling comfy_entrypoint|Skip ", line)]
+    assert not bad, "pack failed to import:\n" + "\n".join(bad) + "\n\n" + server.log_tail()
+    loaded = [line for line in log.splitlines() if line.strip().endswith(f"custom_nodes/{PACK_DIR_NAME}")]
+    assert loaded, f"no import-time line for {PACK_DIR_NAME} in the server log:\n{server.log_tail()}"
+    print(f"server ready in {server.started_in:.1f} s")
+
+
+def test_node_definition(server):
+    info = server.get("/object_info/DuCaCache")["DuCaCache"]
+    assert info["display_name"] == "DuCa Cache"
+    assert info["category"] == "sampling/token_cache"
+    assert info["output"] == ["MODEL"]
+    assert info["input_order"]["required"] == ["model"] + DUCA_WIDGETS
+    required = info["input"]["required"]
+    missing = [name for name, spec in required.items() if not (len(spec) > 1 and spec[1].get("tooltip"))]
+    assert not missing, f"inputs without tooltip: {missing}"
+    assert all(info.get("output_tooltips") or [None]), "output without tooltip"
+    assert info["description"]
+
+    specs = wt.widget_specs(info)
+    assert [s.name for s in specs] == DUCA_WIDGETS
+    assert {s.name: s.extra for s in specs if s.extra} == {"seed": ("control",)}
+    assert wt.default_control(specs[DUCA_WIDGETS.index("seed")]) == "fixed"
+    assert [s.name for s in specs if s.options.get("advanced")] == ["mode", "staleness_weight", "cache_device"]
+    combos = {s.name: list(s.choices) for s in specs if s.kind == "COMBO"}
+    assert combos == {"selector": ["random", "v_norm", "k_norm", "similarity", "attention"],
+                      "mode": ["duca", "toca", "fora"], "cache_device": ["model_device", "cpu"]}
+
+
+def test_workflows_present():
+    names = {p.name for p in WORKFLOWS}
+    assert {"flux_dev_t2i_duca.json", "flux_dev_t2i_toca.json"} <= names, names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_is_valid(path, object_info):
+    workflow = json.loads(path.read_text())
+    assert workflow.get("version") == 0.4
+    assert wt.check_ui_workflow(workflow, object_info) == []
+    api = wt.ui_to_api(workflow, object_info)
+    # DuCaCache sits between the diffusion model loader and the sampler.
+    duca_id, duca = _node_of(api, "DuCaCache")
+    unet_id, _ = _node_of(api, "UNETLoader")
+    _, sampler = _node_of(api, "KSampler")
+    assert duca["inputs"]["model"] == [unet_id, 0]
+    assert sampler["inputs"]["model"] == [duca_id, 0]
+    # The seed's control value is saved in the workflow but never sent to the server.
+    assert all(v not in wt.CONTROL_VALUES for n in api.values() for v in n["inputs"].values() if isinstance(v, str))
+    assert set(wt.ui_to_api(workflow, object_info)) == {str(n["id"]) for n in workflow["nodes"]}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_on_tiny_model(path, server, object_info):
+    prompt = _tiny_prompt(server, object_info, path)
+    _, duca = _node_of(prompt, "DuCaCache")
+    _, sampler = _node_of(prompt, "KSampler")
+    save_id, _ = _node_of(prompt, "SaveLatent")
+
+    started = time.monotonic()
+    entry, log = server.run(prompt)
+    elapsed = time.monotonic() - started
+    assert entry["status"]["status_str"] == "success", (
+        f"{path.name} failed: {json.dumps(_error_messages(entry), indent=1)[:6000]}\n{log[-4000:]}")
+
+    latents = entry["outputs"][save_id]["latents"]
+    assert len(latents) == 1
+    written = server.output_dir / latents[0]["subfolder"] / latents[0]["filename"]
+    assert written.is_file() and written.stat().st_size > 0, written
+
+    from safetensors.torch import load_file
+    tensor = load_file(str(written))["latent_tensor"]
+    assert tuple(tensor.shape) == (1, 16, 8, 8), tensor.shape
+    assert bool(tensor.isfinite().all())
+
+    # The cache really ran inside the server, with the workflow's own settings.
+    settings = duca["inputs"]
+    summaries = SUMMARY.findall(log)
+    assert summaries, f"no DuCa summary in the server log:\n{log[-4000:]}"
+    mode, steps, full, aggressive, conservative = summaries[-1]
+    expected = _expected_counts(settings["mode"], settings["cycle_length"], sampler["inputs"]["steps"])
+    assert (mode, int(steps), (int(full), int(aggressive), int(conservative))) == (
+        settings["mode"], sampler["inputs"]["steps"], expected), summaries[-1]
+    print(f"{path.stem}: {elapsed:.1f} s, {summaries[-1]}")
+
+
+def test_checker_finds_mistakes(object_info):
+    good = json.loads(DEV_DUCA.read_text())
+    duca = next(n for n in good["nodes"] if n["type"] == "DuCaCache")
+    index = good["nodes"].index(duca)
+
+    def broken(values=None, node_type=None):
+        workflow = copy.deepcopy(good)
+        node = workflow["nodes"][index]
+        if values is not None:
+            node["widgets_values"] = values
+        if node_type is not None:
+            node["type"] = node_type
+        return wt.check_ui_workflow(workflow, object_info)
+
+    values = duca["widgets_values"]
+    assert any("expected 10" in p for p in broken(values=values[:6] + values[7:]))  # seed's control value dropped
+    assert any("selector" in p and "options" in p for p in broken(values=values[:2] + ["best"] + values[3:]))
+    assert any("cycle_length" in p and "below min" in p for p in broken(values=values[:1] + [0] + values[2:]))
+    assert any("cache_ratio" in p and "above max" in p for p in broken(values=[2.0] + values[1:]))
+    assert any("seed control" in p for p in broken(values=values[:6] + ["sometimes"] + values[7:]))
+    assert any("not known" in p for p in broken(node_type="NoSuchNode"))
+    stale = copy.deepcopy(good)
+    stale["last_link_id"] = 1
+    assert any("last_link_id" in p for p in wt.check_ui_workflow(stale, object_info))
+    with pytest.raises(ValueError):
+        wt.ui_to_api(json.loads(json.dumps(good).replace('"DuCaCache"', '"NoSuchNode"')), object_info)
+
+
+def test_converter_follows_reroutes_and_bypassed_nodes(object_info):
+    workflow = json.loads(DEV_DUCA.read_text())
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    unet = next(n for n in workflow["nodes"] if n["type"] == "UNETLoader")
+    duca = next(n for n in workflow["nodes"] if n["type"] == "DuCaCache")
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+    # UNETLoader -> Reroute -> DuCaCache, reusing the existing link for the first hop.
+    link = next(l for l in workflow["links"] if l[1] == unet["id"] and l[3] == duca["id"])
+    reroute_id, new_link = workflow["last_node_id"] + 1, workflow["last_link_id"] + 1
+    workflow["nodes"].append({"id": reroute_id, "type": "Reroute", "pos": [400, 0], "size": [75, 26], "flags": {},
+                              "order": 0, "mode": 0, "inputs": [{"name": "", "type": "*", "link": link[0]}],
+                              "outputs": [{"name": "", "type": "MODEL", "links": [new_link]}], "properties": {}})
+    link[3], link[4] = reroute_id, 0
+    duca["inputs"][0]["link"] = new_link
+    workflow["links"].append([new_link, reroute_id, 0, duca["id"], 0, "MODEL"])
+    workflow["last_node_id"], workflow["last_link_id"] = reroute_id, new_link
+    assert wt.check_ui_workflow(workflow, object_info) == []
+    api = wt.ui_to_api(workflow, object_info)
+    assert str(reroute_id) not in api
+    assert api[str(duca["id"])]["inputs"]["model"] == [str(unet["id"]), 0]
+
+    nodes[duca["id"]]["mode"] = wt.BYPASSED
+    api = wt.ui_to_api(workflow, object_info)
+    assert str(duca["id"]) not in api
+    assert api[str(sampler["id"])]["inputs"]["model"] == [str(unet["id"]), 0]
+
+
+@pytest.mark.parametrize("name,value", [("cycle_length", 0), ("cache_ratio", 2.0)])
+def test_out_of_range_setting_is_refused(name, value, server, object_info):
+    prompt = _tiny_prompt(server, object_info, DEV_DUCA, prefix="refused", **{name: value})
+    duca_id, _ = _node_of(prompt, "DuCaCache")
+    status, body = server.queue(prompt)
+    assert status == 400, f"HTTP {status}: {body}"
+    errors = body["node_errors"][duca_id]["errors"]
+    assert any(e.get("extra_info", {}).get("input_name") == name for e in errors), errors
+    assert server.alive()
+
+
+def test_invalid_settings_report_a_clear_error_and_the_server_recovers(server, object_info):
+    # Each value is in range, so validation passes; the node itself must refuse the pair.
+    prompt = _tiny_prompt(server, object_info, DEV_DUCA, prefix="bad_window", start_percent=0.8, end_percent=0.2)
+    entry, log = server.run(prompt)
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    errors = _error_messages(entry)
+    assert errors and errors[0]["node_type"] == "DuCaCache", errors
+    assert "start_percent" in errors[0]["exception_message"], errors[0]["exception_message"]
+    assert server.alive()
+
+    assert "DuCaCache" in server.get("/object_info")
+    prompt = _tiny_prompt(server, object_info, DEV_DUCA, prefix="after_error", seed=7)
+    entry, log = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(_error_messages(entry), indent=1)[:6000]
