@@ -8,6 +8,8 @@ steps follow the research method: modulation is recomputed every step, cached
 branch outputs are re-gated with the current gate, attention is reused, and
 the MLP runs on the selected tokens only.
 """
+import logging
+
 import torch
 
 from comfy.ldm.flux.layers import apply_mod
@@ -164,7 +166,6 @@ class FluxFamilyAdapter:
         if reason is None:
             return True
         if run.stats.note_once(f"{run.name}: {self.family} blocks with {reason} compute in full"):
-            import logging
             logging.warning(run.stats.notes[-1])
         return False
 
