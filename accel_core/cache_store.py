@@ -14,6 +14,7 @@ class CacheStore:
     def __init__(self, device: Optional[torch.device] = None):
         self.device = device          # None: keep each entry where it was computed
         self._entries: dict = {}      # uuid -> {key: tensor}
+        self.nbytes = 0
         self.peak_bytes = 0
 
     def _chunks(self, uuids: Sequence[Hashable], tensor: torch.Tensor):
@@ -25,7 +26,11 @@ class CacheStore:
         """Store a copy (ComfyUI's blocks update their inputs in place)."""
         target = self.device if self.device is not None else tensor.device
         for uuid, chunk in self._chunks(uuids, tensor):
-            self._entries.setdefault(uuid, {})[key] = chunk.to(target, copy=True)
+            entries = self._entries.setdefault(uuid, {})
+            if key in entries:
+                self.nbytes -= _size(entries[key])
+            entries[key] = chunk.to(target, copy=True)
+            self.nbytes += _size(entries[key])
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
     def has(self, uuids: Sequence[Hashable], key: Hashable) -> bool:
@@ -42,12 +47,18 @@ class CacheStore:
             stored = self._entries[uuid][key]
             stored.index_copy_(dim, index.to(stored.device), chunk.to(stored.device, stored.dtype))
 
+    def increment(self, uuids: Sequence[Hashable], key: Hashable) -> None:
+        """Add 1 in place (staleness counters on a step that computed nothing)."""
+        for uuid in uuids:
+            self._entries[uuid][key] += 1
+
     def uuids(self):
         return list(self._entries)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for entries in self._entries.values() for t in entries.values())
-
     def clear(self) -> None:
         self._entries = {}
+        self.nbytes = 0
+
+
+def _size(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

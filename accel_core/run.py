@@ -86,10 +86,10 @@ class CacheRun:
     def reset_staleness(self, block_id: int, tokens: int, device: torch.device) -> None:
         self.put(block_id, "staleness", torch.zeros(len(self.plan.uuids), tokens, dtype=torch.int32, device=device))
 
-    def age_all(self, block_id: int, device: torch.device) -> None:
+    def age_all(self, block_id: int) -> None:
         """Aggressive step: no token of the block was computed."""
         if self.has(block_id, "staleness"):
-            self.put(block_id, "staleness", self.get(block_id, "staleness", device) + 1)
+            self.store.increment(self.plan.uuids, (block_id, "staleness"))
 
     def select(self, block_id: int, tokens: int, scores: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
         """Indices of the tokens this block recomputes at this conservative step,

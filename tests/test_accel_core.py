@@ -105,6 +105,13 @@ def test_cache_store_keeps_per_cond_chunks_and_copies():
     assert store.get(["cond"], "k", torch.device("cpu"))[0, :, 0].tolist() == [0.0, -1.0, 4.0]
     assert store.nbytes == 12 * 4 and store.peak_bytes == 12 * 4
     assert not store.has(["cond", "other"], "k")
+    store.put(["cond", "uncond"], "age", torch.zeros(2, 3, dtype=torch.int32))
+    store.increment(["uncond"], "age")
+    assert store.get(["cond", "uncond"], "age", torch.device("cpu")).tolist() == [[0, 0, 0], [1, 1, 1]]
+    store.put(["cond", "uncond"], "k", torch.zeros(2, 1, 2))     # replacing an entry updates the count
+    assert store.nbytes == 4 * 4 + 6 * 4 and store.peak_bytes == 12 * 4 + 6 * 4
+    store.clear()
+    assert store.nbytes == 0
 
 
 def test_run_falls_back_to_full_without_cache_and_resets_on_shape_change():

@@ -98,7 +98,7 @@ class FluxFamilyAdapter:
         full_flops = rows * (tokens * (self.double_attn_flops + self.double_mlp_flops) + self._attention_flops(tokens))
         plan = run.plan
         if plan.kind is StepKind.AGGRESSIVE:
-            run.age_all(i, img.device)
+            run.age_all(i)
             run.stats.record_block(full_flops, 0, rows * tokens, 0)
             return {"img": img, "txt": txt}
         mods = _double_mods(block, vec)
@@ -129,7 +129,7 @@ class FluxFamilyAdapter:
         full_flops = rows * (tokens * self.single_flops + self._attention_flops(tokens))
         plan = run.plan
         if plan.kind is StepKind.AGGRESSIVE:
-            run.age_all(block_id, x.device)
+            run.age_all(block_id)
             run.stats.record_block(full_flops, 0, rows * tokens, 0)
             if i == self.last_single:
                 return {"img": run.get_final(x.device, x.dtype)}
