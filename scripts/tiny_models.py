@@ -2,15 +2,14 @@
 
 Each family is saved as a safetensors file in that family's own ComfyUI key layout, so
 `comfy.sd.load_diffusion_model(path)` detects it through ComfyUI's own model detection and
-returns a normal ModelPatcher. Weights are random but seeded (same seed -> bit-identical file)
-and large enough that the model output depends on its input, so caching and sampling tests
-see real differences.
+returns a normal ModelPatcher. Weights are random but seeded (same seed -> bit-identical file
+on a given machine; torch's CPU normal_ kernel may differ between CPU types) and large enough
+that the model output depends on its input, so caching and sampling tests see real differences.
 
-ComfyUI is imported lazily inside the functions. Every public function first calls
-`ensure_comfy()`, which puts the ComfyUI tree on sys.path (argument, else $DTC_COMFYUI, else
-<repo>/.dtc/ComfyUI) and, if ComfyUI's model management is not imported yet, sets
-`args.cpu = True` before anything else from comfy is imported. Inside a running ComfyUI the
-tree is already importable and its device settings are left alone.
+ComfyUI is imported lazily inside the functions that need it, after `ensure_comfy()`:
+unless comfy is already imported, that puts the ComfyUI tree on sys.path (argument, else
+$DTC_COMFYUI, else <repo>/.dtc/ComfyUI) and sets `args.cpu = True` before any other comfy
+module is imported. Inside a running ComfyUI nothing is changed.
 
 Adding a family (Wan, SD3, Qwen-Image, PixArt...) means adding one FamilySpec to FAMILIES:
 the constructor kwargs that ComfyUI's model_detection derives back from the weights, the size
@@ -19,8 +18,8 @@ presets, and what its conditioning and latents look like.
 
 from __future__ import annotations
 
+import importlib
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch
 
 DEFAULT_COMFYUI = Path(__file__).resolve().parents[1] / ".dtc" / "ComfyUI"
 # Bump when the weight layout or init changes, so cached files are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "dtc_tiny_model"
 # model_detection derives num_heads as hidden_size // 128 for these families.
 HEAD_DIM = 128
@@ -158,15 +157,20 @@ FAMILIES = {
 
 
 def ensure_comfy(comfy_path=None) -> Path:
-    """Make ComfyUI importable; force CPU unless ComfyUI's device setup already ran."""
-    path = Path(comfy_path or os.environ.get("DTC_COMFYUI") or DEFAULT_COMFYUI).resolve()
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    if "comfy.model_management" not in sys.modules:
+    """Make ComfyUI importable, on CPU; returns the root of the ComfyUI tree in use.
+
+    If comfy is already imported (inside ComfyUI, or a conftest set it up) its tree and
+    device settings are left alone.
+    """
+    if "comfy" not in sys.modules:
+        path = Path(comfy_path or os.environ.get("DTC_COMFYUI") or DEFAULT_COMFYUI).resolve()
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+        # Must happen before comfy.model_management is imported: it picks the device on import.
         from comfy.cli_args import args
 
         args.cpu = True
-    return path
+    return Path(sys.modules["comfy"].__path__[0]).parent
 
 
 def _spec(family: str) -> FamilySpec:
@@ -183,7 +187,9 @@ def model_config(family: str, size: str = "tiny", **overrides) -> dict:
         raise ValueError(f"unknown size {size!r} for {family}; known: {sorted(spec.sizes)}")
     fixed = set(overrides) - spec.tunable
     if fixed:
-        raise ValueError(f"{family}: {sorted(fixed)} are forced by ComfyUI's detection; tunable: {sorted(spec.tunable)}")
+        raise ValueError(
+            f"{family}: {sorted(fixed)} are forced by ComfyUI's detection; tunable: {sorted(spec.tunable)}"
+        )
     config = {**spec.config, **spec.sizes[size], **overrides}
     if config["hidden_size"] % HEAD_DIM:
         raise ValueError(f"{family}: hidden_size must be a multiple of {HEAD_DIM}")
@@ -193,7 +199,7 @@ def model_config(family: str, size: str = "tiny", **overrides) -> dict:
 
 def _import(dotted: str):
     module, _, name = dotted.rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)
+    return getattr(importlib.import_module(module), name)
 
 
 def _randomize_(model: torch.nn.Module, seed: int) -> None:
@@ -205,13 +211,14 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
             if param.ndim >= 2:
-                param.copy_(noise * param[0].numel() ** -0.5)
+                mean, std = 0.0, param[0].numel() ** -0.5
             elif name.endswith("bias"):
-                param.copy_(noise * 0.02)
+                mean, std = 0.0, 0.02
             else:  # norm scales
-                param.copy_(1.0 + noise * 0.1)
+                mean, std = 1.0, 0.1
+            # Drawn in float32 whatever the save dtype: normal_ is several times slower in bfloat16.
+            param.copy_(torch.empty(param.shape).normal_(mean, std, generator=generator))
 
 
 def build_state_dict(family: str, seed: int = 0, size: str = "tiny", **overrides) -> dict:
@@ -279,7 +286,14 @@ def _randn(shape, seed: int, stream: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator)
 
 
-def conditioning(family: str, model_patcher=None, seed: int = 0, tokens: int = 16, neg_tokens: int | None = None, batch: int = 1):
+def conditioning(
+    family: str,
+    model_patcher=None,
+    seed: int = 0,
+    tokens: int = 16,
+    neg_tokens: int | None = None,
+    batch: int = 1,
+):
     """(positive, negative) in ComfyUI's conditioning format, deterministic from `seed`.
 
     The text width comes from `model_patcher` when given (checkpoints built with another
@@ -345,5 +359,7 @@ def sample(
         positive = default_positive if positive is None else positive
         negative = default_negative if negative is None else negative
     cfg = _spec(family).default_cfg if cfg is None else cfg
-    (out,) = nodes.common_ksampler(model_patcher, seed, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=denoise)
+    (out,) = nodes.common_ksampler(
+        model_patcher, seed, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=denoise
+    )
     return out["samples"]
