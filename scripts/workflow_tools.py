@@ -384,6 +384,14 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
+def node_of_type(prompt: dict, class_type: str) -> tuple[str, dict]:
+    """(id, node) of the one node of `class_type` in an API prompt."""
+    found = [(nid, node) for nid, node in prompt.items() if node["class_type"] == class_type]
+    if len(found) != 1:
+        raise ValueError(f"expected one {class_type}, found {len(found)}")
+    return found[0]
+
+
 def _consumers(prompt: dict, node_id: str):
     """(consumer id, input name, slot) of every input linked to `node_id`."""
     for cid, node in prompt.items():
@@ -392,8 +400,8 @@ def _consumers(prompt: dict, node_id: str):
                 yield cid, name, value[1]
 
 
-def substitute_tiny_model(api_prompt: dict, unet_name: str, width: int = 64, height: int = 64, steps: int = 6,
-                          filename_prefix: str = "latents/dtc_test") -> dict:
+def substitute_tiny_model(api_prompt: dict, unet_name: str, width: int = 64, height: int = 64,
+                          steps: int | None = 6, filename_prefix: str = "latents/dtc_test") -> dict:
     """A copy of an API prompt that runs on a tiny diffusion model with no text encoder or VAE.
 
     * UNETLoader loads `unet_name` (weight_dtype kept);
@@ -401,7 +409,7 @@ def substitute_tiny_model(api_prompt: dict, unet_name: str, width: int = 64, hei
       conditioning, no inputs), the CLIP and VAE loaders are dropped;
     * each VAEDecode and the SaveImage/PreviewImage nodes it feeds become one SaveLatent
       (saved under `filename_prefix`);
-    * empty latents are shrunk to width x height, sampler steps capped at `steps`;
+    * empty latents are shrunk to width x height, sampler steps capped at `steps` (None: kept);
     * everything else, DuCaCache and its settings included, is kept as is.
     """
     prompt = copy.deepcopy(api_prompt)
@@ -449,7 +457,7 @@ def substitute_tiny_model(api_prompt: dict, unet_name: str, width: int = 64, hei
             for key, value in (("width", width), ("height", height)):
                 if key in inputs and not isinstance(inputs[key], list):
                     inputs[key] = value
-        if node["class_type"] in SAMPLERS_WITH_STEPS and isinstance(inputs.get("steps"), int):
+        if steps is not None and node["class_type"] in SAMPLERS_WITH_STEPS and isinstance(inputs.get("steps"), int):
             inputs["steps"] = min(inputs["steps"], steps)
         for name, value in inputs.items():
             if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] not in prompt:

@@ -2,35 +2,28 @@
 web UI needs, the example workflows are valid and run (on tiny checkpoints), and bad settings
 are refused without taking the server down.
 
-One server per module (start-up is ~10 s on CPU). It runs from $DTC_COMFYUI with --cpu on a
-free loopback port; models, input, output, temp and user folders are in a tmp dir, and it is
-always stopped by its own pid.
+One server per module (start-up is ~10 s on CPU), started by scripts/comfy_server.py from
+$DTC_COMFYUI with --cpu on a free loopback port; models, input, output, temp and user folders
+are in a tmp dir, and it is always stopped by its own pid.
 """
 import copy
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-import workflow_tools as wt
+import workflow_tools as wt  # scripts/, on sys.path through conftest
+from comfy_server import execution_errors, start_server
+from tiny_models import build_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("DTC_COMFYUI", REPO / ".dtc" / "ComfyUI")).resolve()
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 DEV_DUCA = REPO / "workflows" / "flux_dev_t2i_duca.json"
 PACK_DIR_NAME = "dit-token-cache"
-
-START_TIMEOUT = 90.0
-PROMPT_TIMEOUT = 90.0
 
 # Tiny stand-in for each diffusion model the example workflows load.
 TINY_FAMILY = {
@@ -42,151 +35,23 @@ TINY_STEPS = 6
 DUCA_WIDGETS = ["cache_ratio", "cycle_length", "selector", "start_percent", "end_percent", "seed",
                 "mode", "staleness_weight", "cache_device"]
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SUMMARY = re.compile(r"DuCa\[(\w+)\]: (\d+) steps \((\d+) full, (\d+) aggressive, (\d+) conservative\)")
 
 
 # --------------------------------------------------------------------------- server
 
 
-class Server:
-    def __init__(self, url, proc, log_path, output_dir):
-        self.url = url
-        self.proc = proc
-        self.log_path = log_path
-        self.output_dir = output_dir
-
-    def log(self) -> str:
-        return ANSI.sub("", self.log_path.read_text(errors="replace"))
-
-    def log_tail(self, chars=6000) -> str:
-        return self.log()[-chars:]
-
-    def request(self, method, path, body=None, timeout=30.0):
-        """(HTTP status, parsed JSON body or text)."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                status, raw = response.status, response.read()
-        except urllib.error.HTTPError as err:
-            status, raw = err.code, err.read()
-        try:
-            return status, json.loads(raw)
-        except ValueError:
-            return status, raw.decode(errors="replace")
-
-    def get(self, path):
-        status, body = self.request("GET", path)
-        assert status == 200, f"GET {path}: HTTP {status}: {body}"
-        return body
-
-    def alive(self) -> bool:
-        if self.proc.poll() is not None:
-            return False
-        try:
-            return self.request("GET", "/system_stats", timeout=5)[0] == 200
-        except OSError:
-            return False
-
-    def queue(self, prompt):
-        """POST /prompt; returns (HTTP status, response body)."""
-        return self.request("POST", "/prompt", {"prompt": prompt, "client_id": "dtc-test-server"})
-
-    def run(self, prompt, timeout=PROMPT_TIMEOUT):
-        """Queue a prompt that must pass validation; returns (history entry, log written meanwhile)."""
-        log_start = len(self.log())
-        status, body = self.queue(prompt)
-        assert status == 200, f"/prompt refused the prompt: HTTP {status}: {json.dumps(body, indent=1)[:4000]}"
-        prompt_id = body["prompt_id"]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            entry = history.get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and (
-                    entry["status"]["completed"] or entry["status"].get("status_str") == "error"):
-                return entry, self.log()[log_start:]
-            assert self.proc.poll() is None, f"server died while running {prompt_id}:\n{self.log_tail()}"
-            time.sleep(0.2)
-        raise AssertionError(f"prompt {prompt_id} did not finish within {timeout} s:\n{self.log_tail()}")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(proc):
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
-
-
-def _die_with_parent():
-    """Linux: the server gets SIGTERM if the test process dies without running its teardown."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _tiny_checkpoints(model_dir: Path, diffusion_dir: Path) -> dict:
-    """Builds (or reuses) the tiny checkpoints and puts them where the server looks."""
-    from tiny_models import build_checkpoint  # scripts/, on sys.path through conftest
-
-    names = {}
-    diffusion_dir.mkdir(parents=True, exist_ok=True)
-    for family in sorted(set(TINY_FAMILY.values())):
-        cached = build_checkpoint(family, model_dir / f"{family}_tiny.safetensors")
-        name = f"tiny_{family}.safetensors"
-        shutil.copyfile(cached, diffusion_dir / name)
-        names[family] = name
-    return names
+def _tiny_name(family: str) -> str:
+    return f"tiny_{family}.safetensors"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
-    base = tmp_path_factory.mktemp("comfy_server")
-    tiny_names = _tiny_checkpoints(model_dir, base / "models" / "diffusion_models")
-    for sub in ("output", "input", "temp", "user"):
-        (base / sub).mkdir()
-    port = _free_port()
-    log_path = base / "server.log"
-    command = [
-        sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-        "--models-directory", str(base / "models"), "--output-directory", str(base / "output"),
-        "--input-directory", str(base / "input"), "--temp-directory", str(base / "temp"),
-        "--user-directory", str(base / "user"), "--database-url", "sqlite:///:memory:",
-        "--disable-auto-launch",
-    ]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(command, cwd=COMFYUI, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-    srv = Server(f"http://127.0.0.1:{port}", proc, log_path, base / "output")
-    srv.tiny_names = tiny_names
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not srv.alive():
-            if proc.poll() is not None:
-                pytest.fail(f"ComfyUI exited with code {proc.returncode} while starting:\n{srv.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"ComfyUI was not ready within {START_TIMEOUT} s:\n{srv.log_tail()}")
-            time.sleep(0.25)
-        srv.started_in = START_TIMEOUT - (deadline - time.monotonic())
+    # Built once per machine and cached in model_dir; the server gets its own copies.
+    models = {f"diffusion_models/{_tiny_name(family)}": build_checkpoint(family, model_dir / f"{family}_tiny.safetensors")
+              for family in sorted(set(TINY_FAMILY.values()))}
+    with start_server(tmp_path_factory.mktemp("comfy_server"), models=models, comfyui=COMFYUI) as srv:
         yield srv
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -194,25 +59,19 @@ def object_info(server):
     return wt.load_object_info(server.url)
 
 
-def _tiny_prompt(server, object_info, workflow_path, prefix=None, **duca_overrides):
+def _tiny_prompt(object_info, workflow_path, prefix=None, **duca_overrides):
     workflow = json.loads(workflow_path.read_text())
     api = wt.ui_to_api(workflow, object_info)
     unets = [n["inputs"]["unet_name"] for n in api.values() if n["class_type"] == "UNETLoader"]
     assert len(unets) == 1, f"{workflow_path.name}: expected one UNETLoader, found {unets}"
     assert unets[0] in TINY_FAMILY, f"{workflow_path.name}: no tiny stand-in for {unets[0]}; add it to TINY_FAMILY"
-    tiny = server.tiny_names[TINY_FAMILY[unets[0]]]
+    tiny = _tiny_name(TINY_FAMILY[unets[0]])
     prompt = wt.substitute_tiny_model(api, tiny, width=64, height=64, steps=TINY_STEPS,
                                       filename_prefix=f"latents/{prefix or workflow_path.stem}")
     for node in prompt.values():
         if node["class_type"] == "DuCaCache":
             node["inputs"].update(duca_overrides)
     return prompt
-
-
-def _node_of(prompt, class_type):
-    found = [(nid, node) for nid, node in prompt.items() if node["class_type"] == class_type]
-    assert len(found) == 1, f"expected one {class_type}, found {len(found)}"
-    return found[0]
 
 
 def _expected_counts(mode, cycle_length, steps):
@@ -229,10 +88,6 @@ def _expected_counts(mode, cycle_length, steps):
         else:
             counts["aggressive" if position % 2 == 1 else "conservative"] += 1
     return counts["full"], counts["aggressive"], counts["conservative"]
-
-
-def _error_messages(entry):
-    return [data for kind, data in entry["status"].get("messages", []) if kind == "execution_error"]
 
 
 # --------------------------------------------------------------------------- tests
@@ -282,9 +137,9 @@ def test_workflow_is_valid(path, object_info):
     assert wt.check_ui_workflow(workflow, object_info) == []
     api = wt.ui_to_api(workflow, object_info)
     # DuCaCache sits between the diffusion model loader and the sampler.
-    duca_id, duca = _node_of(api, "DuCaCache")
-    unet_id, _ = _node_of(api, "UNETLoader")
-    _, sampler = _node_of(api, "KSampler")
+    duca_id, duca = wt.node_of_type(api, "DuCaCache")
+    unet_id, _ = wt.node_of_type(api, "UNETLoader")
+    _, sampler = wt.node_of_type(api, "KSampler")
     assert duca["inputs"]["model"] == [unet_id, 0]
     assert sampler["inputs"]["model"] == [duca_id, 0]
     # The seed's control value is saved in the workflow but never sent to the server.
@@ -294,20 +149,20 @@ def test_workflow_is_valid(path, object_info):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs_on_tiny_model(path, server, object_info):
-    prompt = _tiny_prompt(server, object_info, path)
-    _, duca = _node_of(prompt, "DuCaCache")
-    _, sampler = _node_of(prompt, "KSampler")
-    save_id, _ = _node_of(prompt, "SaveLatent")
+    prompt = _tiny_prompt(object_info, path)
+    _, duca = wt.node_of_type(prompt, "DuCaCache")
+    _, sampler = wt.node_of_type(prompt, "KSampler")
+    save_id, _ = wt.node_of_type(prompt, "SaveLatent")
 
     started = time.monotonic()
     entry, log = server.run(prompt)
     elapsed = time.monotonic() - started
     assert entry["status"]["status_str"] == "success", (
-        f"{path.name} failed: {json.dumps(_error_messages(entry), indent=1)[:6000]}\n{log[-4000:]}")
+        f"{path.name} failed: {json.dumps(execution_errors(entry), indent=1)[:6000]}\n{log[-4000:]}")
 
-    latents = entry["outputs"][save_id]["latents"]
-    assert len(latents) == 1
-    written = server.output_dir / latents[0]["subfolder"] / latents[0]["filename"]
+    files = server.output_files(entry, save_id)
+    assert len(files) == 1, files
+    written = files[0]
     assert written.is_file() and written.stat().st_size > 0, written
 
     from safetensors.torch import load_file
@@ -383,8 +238,8 @@ def test_converter_follows_reroutes_and_bypassed_nodes(object_info):
 
 @pytest.mark.parametrize("name,value", [("cycle_length", 0), ("cache_ratio", 2.0)])
 def test_out_of_range_setting_is_refused(name, value, server, object_info):
-    prompt = _tiny_prompt(server, object_info, DEV_DUCA, prefix="refused", **{name: value})
-    duca_id, _ = _node_of(prompt, "DuCaCache")
+    prompt = _tiny_prompt(object_info, DEV_DUCA, prefix="refused", **{name: value})
+    duca_id, _ = wt.node_of_type(prompt, "DuCaCache")
     status, body = server.queue(prompt)
     assert status == 400, f"HTTP {status}: {body}"
     errors = body["node_errors"][duca_id]["errors"]
@@ -394,15 +249,15 @@ def test_out_of_range_setting_is_refused(name, value, server, object_info):
 
 def test_invalid_settings_report_a_clear_error_and_the_server_recovers(server, object_info):
     # Each value is in range, so validation passes; the node itself must refuse the pair.
-    prompt = _tiny_prompt(server, object_info, DEV_DUCA, prefix="bad_window", start_percent=0.8, end_percent=0.2)
+    prompt = _tiny_prompt(object_info, DEV_DUCA, prefix="bad_window", start_percent=0.8, end_percent=0.2)
     entry, log = server.run(prompt)
     assert entry["status"]["status_str"] == "error", entry["status"]
-    errors = _error_messages(entry)
+    errors = execution_errors(entry)
     assert errors and errors[0]["node_type"] == "DuCaCache", errors
     assert "start_percent" in errors[0]["exception_message"], errors[0]["exception_message"]
     assert server.alive()
 
     assert "DuCaCache" in server.get("/object_info")
-    prompt = _tiny_prompt(server, object_info, DEV_DUCA, prefix="after_error", seed=7)
+    prompt = _tiny_prompt(object_info, DEV_DUCA, prefix="after_error", seed=7)
     entry, log = server.run(prompt)
-    assert entry["status"]["status_str"] == "success", json.dumps(_error_messages(entry), indent=1)[:6000]
+    assert entry["status"]["status_str"] == "success", json.dumps(execution_errors(entry), indent=1)[:6000]
