@@ -124,3 +124,14 @@ def test_run_falls_back_to_full_without_cache_and_resets_on_shape_change():
     run.end_forward()
     assert run.begin_forward(0.8, ["c"], ("other shape", 1)).kind is F   # cache dropped
     assert any("cache reset" in note for note in run.stats.notes)
+
+
+def test_accel_core_never_imports_comfy():
+    import ast
+    from pathlib import Path
+
+    for source in (Path(__file__).resolve().parents[1] / "accel_core").glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] in ("comfy", "comfy_api", "nodes", "folder_paths") for n in names), source
