@@ -101,8 +101,8 @@ class FluxFamilyAdapter:
             run.age_all(i)
             run.stats.record_block(full_flops, 0, rows * tokens, 0)
             return {"img": img, "txt": txt}
-        mods = _double_mods(block, vec)
-        if not plan.fill or not self._subset_ok(run, args, mods):
+        mods = _double_mods(block, vec) if plan.fill else None
+        if mods is None or not self._subset_ok(run, args, mods):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
             return original_block(args)
         img_mod1, img_mod2, txt_mod1, txt_mod2 = mods
@@ -134,8 +134,8 @@ class FluxFamilyAdapter:
             if i == self.last_single:
                 return {"img": run.get_final(x.device, x.dtype)}
             return {"img": x}
-        mod = _single_mod(block, vec)
-        if not plan.fill or not self._subset_ok(run, args, [mod]):
+        mod = _single_mod(block, vec) if plan.fill else None
+        if mod is None or not self._subset_ok(run, args, [mod]):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
             out = original_block(args)
             if plan.fill and i == self.last_single:
