@@ -125,7 +125,7 @@ def main():
     variants += [(f"DuCa N={n} r=0.9", CacheConfig(cycle_length=n, cache_ratio=0.9)) for n in (1, 3, 5, 8)]
     variants += [("ToCa N=5 r=0.9", CacheConfig(cycle_length=5, cache_ratio=0.9, mode="toca")),
                  ("FORA N=5", CacheConfig(cycle_length=5, mode="fora"))]
-    variants += [(f"EasyCache t={t}", ("easycache", t)) for t in (0.2, 0.5, 1.0)]
+    variants += [(f"EasyCache t={t}", ("easycache", t)) for t in (0.5, 1.5, 3.0)]
 
     def build(spec):
         if spec is None:
