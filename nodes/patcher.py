@@ -78,15 +78,23 @@ def apply_model_wrapper(executor, x, t, *args, **kwargs):
         run.end_forward()
 
 
-def _block_patch(adapter_method, index, args, extra):
+def _block_patch(adapter_method, index, earlier_patch, args, extra):
+    original = extra["original_block"]
+    if earlier_patch is not None:
+        # another node replaced this block before us: its patch stays the block
+        original = functools.partial(earlier_patch, extra=extra)
     run: CacheRun = (args.get("transformer_options") or {}).get(RUN_KEY)
     if run is None or run.plan is None:
-        return extra["original_block"](args)
-    return adapter_method(run, index, args, extra["original_block"])
+        return original(args)
+    return adapter_method(run, index, args, original, replaced_elsewhere=earlier_patch is not None)
 
 
-def _patch_factory(adapter_method, index):
-    return functools.partial(_block_patch, adapter_method, index)
+def _patch_factory(model_patcher):
+    earlier = model_patcher.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+
+    def factory(adapter_method, block_name, index):
+        return functools.partial(_block_patch, adapter_method, index, earlier.get((block_name, index)))
+    return factory
 
 
 def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=None):
@@ -95,7 +103,7 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
     patched = model.clone()
     settings = TokenCacheSettings(config, name, node_id)
     patched.model_options["transformer_options"][SETTINGS_KEY] = settings
-    adapter.install(patched, _patch_factory)
+    adapter.install(patched, _patch_factory(patched))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
     return patched

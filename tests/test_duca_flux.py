@@ -383,3 +383,26 @@ def test_per_token_modulation_falls_back_to_full_compute_and_says_so_once(flux, 
     assert len([n for n in run.stats.notes if "per-token modulation" in n]) == 1
     assert sum("per-token modulation" in r.getMessage() for r in caplog.records) == 1
     assert run.stats.token_fraction == 1.0
+
+
+def test_block_replaced_by_another_node_keeps_that_patch(flux):
+    calls = []
+
+    def other_nodes_patch(args, extra):
+        calls.append(args["img"].shape)
+        out = extra["original_block"](args)
+        return {"img": out["img"] * 1.01, "txt": out["txt"]}
+
+    patched_elsewhere = flux.clone()
+    patched_elsewhere.set_model_patch_replace(other_nodes_patch, "dit", "double_block", 0)
+    reference = sample(patched_elsewhere)
+    calls.clear()
+    assert torch.equal(sample(duca(patched_elsewhere, cycle_length=1)), reference)
+    assert len(calls) == STEPS
+
+    calls.clear()
+    cached = duca(patched_elsewhere, cycle_length=3)
+    sample(cached)
+    stats = stats_of(cached)
+    assert len(calls) == stats.counts()["full"] + stats.counts()["conservative"]   # skipped only when nothing computes
+    assert any("block replacement from another node" in note for note in stats.notes)

@@ -84,14 +84,14 @@ class FluxFamilyAdapter:
     # -- ComfyUI patch entry points ---------------------------------------------
     def install(self, model_patcher, patch_factory):
         for i in range(len(self.double_blocks)):
-            model_patcher.set_model_patch_replace(patch_factory(self.double_block, i), "dit", "double_block", i)
+            model_patcher.set_model_patch_replace(patch_factory(self.double_block, "double_block", i), "dit", "double_block", i)
         for i in range(len(self.single_blocks)):
-            model_patcher.set_model_patch_replace(patch_factory(self.single_block, i), "dit", "single_block", i)
+            model_patcher.set_model_patch_replace(patch_factory(self.single_block, "single_block", i), "dit", "single_block", i)
 
     def _attention_flops(self, tokens):
         return 4 * tokens * tokens * self.hidden
 
-    def double_block(self, run, i, args, original_block):
+    def double_block(self, run, i, args, original_block, replaced_elsewhere=False):
         block = self.double_blocks[i]
         img, txt, vec, pe = args["img"], args["txt"], args["vec"], args["pe"]
         txt_len, tokens, rows = txt.shape[1], txt.shape[1] + img.shape[1], img.shape[0]
@@ -102,7 +102,7 @@ class FluxFamilyAdapter:
             run.stats.record_block(full_flops, 0, rows * tokens, 0)
             return {"img": img, "txt": txt}
         mods = _double_mods(block, vec) if plan.fill else None
-        if mods is None or not self._subset_ok(run, args, mods):
+        if mods is None or not self._subset_ok(run, i, args, mods, replaced_elsewhere):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
             return original_block(args)
         img_mod1, img_mod2, txt_mod1, txt_mod2 = mods
@@ -121,7 +121,7 @@ class FluxFamilyAdapter:
         run.stats.record_block(full_flops, rows * index.numel() * self.double_mlp_flops, rows * tokens, rows * index.numel())
         return {"img": img, "txt": txt}
 
-    def single_block(self, run, i, args, original_block):
+    def single_block(self, run, i, args, original_block, replaced_elsewhere=False):
         block = self.single_blocks[i]
         block_id = len(self.double_blocks) + i
         x, vec = args["img"], args["vec"]
@@ -135,7 +135,7 @@ class FluxFamilyAdapter:
                 return {"img": run.get_final(x.device, x.dtype)}
             return {"img": x}
         mod = _single_mod(block, vec) if plan.fill else None
-        if mod is None or not self._subset_ok(run, args, [mod]):
+        if mod is None or not self._subset_ok(run, block_id, args, [mod], replaced_elsewhere):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
             out = original_block(args)
             if plan.fill and i == self.last_single:
@@ -153,13 +153,17 @@ class FluxFamilyAdapter:
         return out
 
     # -- checks -----------------------------------------------------------------
-    def _subset_ok(self, run, args, mods) -> bool:
+    def _subset_ok(self, run, block_id, args, mods, replaced_elsewhere) -> bool:
         """Blocks that cannot run on a token subset compute in full instead, and
         say so once."""
         to = args.get("transformer_options") or {}
         patches = to.get("patches", {})
         reason = None
-        if any(args.get(k) is not None for k in ("modulation_dims", "modulation_dims_img", "modulation_dims_txt")) or _per_token(mods):
+        if replaced_elsewhere:
+            reason = "a block replacement from another node"
+        elif run.plan.kind is StepKind.CONSERVATIVE and not run.has(block_id, "staleness"):
+            reason = "no cache from the last full step"
+        elif any(args.get(k) is not None for k in ("modulation_dims", "modulation_dims_img", "modulation_dims_txt")) or _per_token(mods):
             reason = "per-token modulation (reference image at timestep zero, or image-to-video)"
         elif patches.get("attn1_patch") or patches.get("attn1_output_patch"):
             reason = "another node patches this model's attention"
