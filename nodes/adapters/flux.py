@@ -60,6 +60,66 @@ def _single_mlp_act(block, mlp):
     return block.mlp_act(mlp)
 
 
+def _attention(q, k, v, args):
+    return attention(q, k, v, pe=args["pe"], mask=args.get("attn_mask", args.get("attention_mask")),
+                     transformer_options=args.get("transformer_options") or {})
+
+
+def _finish_stream(x, attn_out, norm2, mlp, mod1, mod2):
+    x = x + apply_mod(attn_out, mod1.gate)
+    mlp_out = _mlp_branch(x, norm2, mlp, mod2)
+    return x + apply_mod(mlp_out, mod2.gate), mlp_out
+
+
+def _finite_fp16(x):
+    return torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504) if x.dtype == torch.float16 else x
+
+
+def _single_finish(x, mod, output):
+    return _finite_fp16(x + apply_mod(output, mod.gate))
+
+
+def double_block_forward(block, args, mods=None, on_qkv=None):
+    """A DoubleStreamBlock's forward rebuilt from its own submodules, without
+    in-place updates (so it can be trained and its branches kept). Returns
+    (img, txt, branches): the attention-projection and MLP outputs of both
+    streams before gating. Bit-identical to the block's own forward.
+    on_qkv(x_joint, q, k, v) sees the joint (txt, img) input and q/k/v."""
+    img, txt = args["img"], args["txt"]
+    img_mod1, img_mod2, txt_mod1, txt_mod2 = mods if mods is not None else _double_mods(block, args["vec"])
+    txt_len = txt.shape[1]
+    img_q, img_k, img_v = _stream_qkv(block.img_norm1, block.img_attn, img_mod1, img, block.num_heads)
+    txt_q, txt_k, txt_v = _stream_qkv(block.txt_norm1, block.txt_attn, txt_mod1, txt, block.num_heads)
+    q, k, v = torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2), torch.cat((txt_v, img_v), dim=2)
+    if on_qkv is not None:
+        on_qkv(torch.cat((txt, img), dim=1), q, k, v)
+    attn = _attention(q, k, v, args)
+    del q, k, v
+    branches = {"img_attn": block.img_attn.proj(attn[:, txt_len:]), "txt_attn": block.txt_attn.proj(attn[:, :txt_len])}
+    img, branches["img_mlp"] = _finish_stream(img, branches["img_attn"], block.img_norm2, block.img_mlp, img_mod1, img_mod2)
+    txt, branches["txt_mlp"] = _finish_stream(txt, branches["txt_attn"], block.txt_norm2, block.txt_mlp, txt_mod1, txt_mod2)
+    return img, _finite_fp16(txt), branches
+
+
+def single_block_forward(block, args, mod=None, on_qkv=None):
+    """A SingleStreamBlock's forward rebuilt from its own submodules, without
+    in-place updates. Returns (x, attention output, linear2 output before
+    gating). Bit-identical to the block's own forward."""
+    x = args["img"]
+    mod = mod if mod is not None else _single_mod(block, args["vec"])
+    qkv, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(x), 1 + mod.scale, mod.shift)),
+                           [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
+    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+    del qkv
+    q, k = block.norm(q, k, v)
+    if on_qkv is not None:
+        on_qkv(x, q, k, v)
+    attn = _attention(q, k, v, args)
+    del q, k, v
+    output = block.linear2(torch.cat((attn, _single_mlp_act(block, mlp)), 2))
+    return _single_finish(x, mod, output), attn, output
+
+
 class FluxFamilyAdapter:
     """How to run the Flux family's blocks in full (filling the cache) and on a
     token subset. Token index space per evaluation: cat(txt, img), the layout of
@@ -115,9 +175,7 @@ class FluxFamilyAdapter:
         index = run.select(i, tokens, scores, img.device)
         txt_index, img_index = index[index < txt_len], index[index >= txt_len] - txt_len
         img = self._refresh_stream(run, i, "img", img, img_index, block.img_norm2, block.img_mlp, img_mod1, img_mod2)
-        txt = self._refresh_stream(run, i, "txt", txt, txt_index, block.txt_norm2, block.txt_mlp, txt_mod1, txt_mod2)
-        if txt.dtype == torch.float16:
-            txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
+        txt = _finite_fp16(self._refresh_stream(run, i, "txt", txt, txt_index, block.txt_norm2, block.txt_mlp, txt_mod1, txt_mod2))
         run.stats.record_block(full_flops, rows * index.numel() * self.double_mlp_flops, rows * tokens, rows * index.numel())
         return {"img": img, "txt": txt}
 
@@ -200,29 +258,13 @@ class FluxFamilyAdapter:
 
     # -- full compute that fills the cache ---------------------------------------
     def _double_full(self, run, i, block, args, mods):
-        img, txt, pe = args["img"], args["txt"], args["pe"]
-        img_mod1, img_mod2, txt_mod1, txt_mod2 = mods
-        txt_len = txt.shape[1]
-        img_q, img_k, img_v = _stream_qkv(block.img_norm1, block.img_attn, img_mod1, img, block.num_heads)
-        txt_q, txt_k, txt_v = _stream_qkv(block.txt_norm1, block.txt_attn, txt_mod1, txt, block.num_heads)
-        q, k, v = torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2), torch.cat((txt_v, img_v), dim=2)
-        self._keep_features(run, i, torch.cat((txt, img), dim=1), q, k, v, pe)
-        attn = attention(q, k, v, pe=pe, mask=args.get("attn_mask", args.get("attention_mask")),
-                         transformer_options=args.get("transformer_options", {}))
-        del q, k, v
-        img = self._full_stream(run, i, "img", img, block.img_attn.proj(attn[:, txt_len:]), block.img_norm2, block.img_mlp, img_mod1, img_mod2)
-        txt = self._full_stream(run, i, "txt", txt, block.txt_attn.proj(attn[:, :txt_len]), block.txt_norm2, block.txt_mlp, txt_mod1, txt_mod2)
-        if txt.dtype == torch.float16:
-            txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
-        run.reset_staleness(i, txt_len + img.shape[1], img.device)
+        def keep(x_joint, q, k, v):
+            self._keep_features(run, i, x_joint, q, k, v, args["pe"])
+        img, txt, branches = double_block_forward(block, args, mods, on_qkv=keep)
+        for name, branch in branches.items():
+            run.put(i, name, branch)
+        run.reset_staleness(i, txt.shape[1] + img.shape[1], img.device)
         return {"img": img, "txt": txt}
-
-    def _full_stream(self, run, i, stream, x, attn_out, norm2, mlp, mod1, mod2):
-        x = x + apply_mod(attn_out, mod1.gate)
-        mlp_out = _mlp_branch(x, norm2, mlp, mod2)
-        run.put(i, stream + "_attn", attn_out)
-        run.put(i, stream + "_mlp", mlp_out)
-        return x + apply_mod(mlp_out, mod2.gate)
 
     def _refresh_stream(self, run, i, stream, x, index, norm2, mlp, mod1, mod2):
         """Cached attention output re-gated for every token; the MLP recomputed
@@ -233,21 +275,13 @@ class FluxFamilyAdapter:
         return x + apply_mod(run.get(i, stream + "_mlp", x.device).to(x.dtype), mod2.gate)
 
     def _single_full(self, run, block_id, block, args, mod):
-        x, pe = args["img"], args["pe"]
-        qkv, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(x), 1 + mod.scale, mod.shift)),
-                               [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
-        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-        del qkv
-        q, k = block.norm(q, k, v)
-        self._keep_features(run, block_id, x, q, k, v, pe)
-        attn = attention(q, k, v, pe=pe, mask=args.get("attn_mask", args.get("attention_mask")),
-                         transformer_options=args.get("transformer_options", {}))
-        del q, k, v
-        output = block.linear2(torch.cat((attn, _single_mlp_act(block, mlp)), 2))
+        def keep(x_joint, q, k, v):
+            self._keep_features(run, block_id, x_joint, q, k, v, args["pe"])
+        x, attn, output = single_block_forward(block, args, mod, on_qkv=keep)
         run.put(block_id, "attn", attn)
         run.put(block_id, "out", output)
         run.reset_staleness(block_id, x.shape[1], x.device)
-        return {"img": self._single_finish(x, mod, output)}
+        return {"img": x}
 
     def _single_subset(self, run, block_id, block, x, mod, index):
         """Selected tokens: MLP half of linear1 on their current input, joined
@@ -259,11 +293,4 @@ class FluxFamilyAdapter:
                                  [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
             attn = run.get(block_id, "attn", x.device)[:, index].to(x.dtype)
             run.scatter(block_id, "out", index, block.linear2(torch.cat((attn, _single_mlp_act(block, mlp)), 2)))
-        return {"img": self._single_finish(x, mod, run.get(block_id, "out", x.device).to(x.dtype))}
-
-    @staticmethod
-    def _single_finish(x, mod, output):
-        x = x + apply_mod(output, mod.gate)
-        if x.dtype == torch.float16:
-            x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
-        return x
+        return {"img": _single_finish(x, mod, run.get(block_id, "out", x.device).to(x.dtype))}
