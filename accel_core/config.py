@@ -4,6 +4,10 @@ from dataclasses import dataclass
 SELECTORS = ("random", "v_norm", "k_norm", "similarity", "attention")
 MODES = ("duca", "toca", "fora")
 CACHE_DEVICES = ("model_device", "cpu")
+# conservative-step attention: "reuse" the cached output (the research method), or
+# "query_subset": selected tokens recompute their queries and attend over all keys
+# and values, those of unselected tokens coming from the cache
+ATTENTION_VARIANTS = ("reuse", "query_subset")
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,7 @@ class CacheConfig:
     cache_device: str = "model_device"
     aggressive_first: bool = True   # DuCa cycle order: full, aggressive, conservative, ...
     attention_queries: int = 64     # sampled queries for the attention selector
+    attention_variant: str = "reuse"
 
     def __post_init__(self):
         problems = []
@@ -42,6 +47,8 @@ class CacheConfig:
             problems.append(f"staleness_weight={self.staleness_weight!r}: accepted 0.0 to 10.0")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             problems.append(f"seed={self.seed!r}: accepted a whole number from 0 to 2**64-1")
+        if self.attention_variant not in ATTENTION_VARIANTS:
+            problems.append(f"attention_variant={self.attention_variant!r}: accepted {', '.join(ATTENTION_VARIANTS)}")
         if self.attention_queries < 1:
             problems.append(f"attention_queries={self.attention_queries!r}: accepted a whole number >= 1")
         if problems:

@@ -73,8 +73,8 @@ class CacheRun:
     def has(self, block_id: int, name: str) -> bool:
         return self.store.has(self.plan.uuids, (block_id, name))
 
-    def scatter(self, block_id: int, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
-        self.store.scatter(self.plan.uuids, (block_id, name), index, values)
+    def scatter(self, block_id: int, name: str, index: torch.Tensor, values: torch.Tensor, dim: int = 1) -> None:
+        self.store.scatter(self.plan.uuids, (block_id, name), index, values, dim)
 
     def put_final(self, hidden: torch.Tensor) -> None:
         self.store.put(self.plan.uuids, FINAL, hidden)

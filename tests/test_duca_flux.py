@@ -220,7 +220,7 @@ def test_work_accounting_matches_schedule(flux):
 @pytest.mark.parametrize("settings", [
     {"mode": "duca"}, {"mode": "toca"}, {"mode": "fora"},
     {"selector": "v_norm"}, {"selector": "k_norm"}, {"selector": "similarity"}, {"selector": "attention"},
-    {"cache_device": "cpu"},
+    {"cache_device": "cpu"}, {"attention_variant": "query_subset", "mode": "toca"},
 ])
 def test_each_mode_and_selector_is_deterministic_and_close_to_uncached(flux, settings):
     base = sample(flux)
@@ -406,3 +406,34 @@ def test_block_replaced_by_another_node_keeps_that_patch(flux):
     stats = stats_of(cached)
     assert len(calls) == stats.counts()["full"] + stats.counts()["conservative"]   # skipped only when nothing computes
     assert any("block replacement from another node" in note for note in stats.notes)
+
+
+@pytest.mark.parametrize("kind", ["double", "single"])
+def test_query_subset_variant_recomputing_every_token_equals_full_compute(flux, kind):
+    """With every token selected, the variant recomputes all queries, keys and
+    values: its conservative step must equal the block's own forward, while the
+    research method (attention reused) must not."""
+    dm = flux.model.diffusion_model
+    adapter = FluxFamilyAdapter(dm, "Flux")
+    img, txt, pe, vec_a, vec_b = _inputs(dm, seed=2)
+    img_b, txt_b = img + 0.3 * torch.randn_like(img), txt + 0.3 * torch.randn_like(txt)
+    outputs = {}
+    for variant in ("query_subset", "reuse"):
+        run = CacheRun(CacheConfig(cycle_length=3, cache_ratio=0.0, attention_variant=variant), [1.0, 0.6, 0.3, 0.0], 1.0, 0.0)
+        for sigma, (i, t, vec) in ((1.0, (img, txt, vec_a)), (0.3, (img_b, txt_b, vec_b))):
+            run.begin_forward(sigma, ["cond", "uncond"], ("sig",))
+            if kind == "double":
+                out = adapter.double_block(run, 0, {"img": i.clone(), "txt": t.clone(), "vec": vec, "pe": pe,
+                                                    "attn_mask": None, "transformer_options": {}}, _fail)["img"]
+            else:
+                out = adapter.single_block(run, 0, {"img": torch.cat((t, i), 1), "vec": vec, "pe": pe,
+                                                    "attn_mask": None, "transformer_options": {}}, _fail)["img"]
+            run.put_final(torch.zeros(2, 1, 1))
+            run.end_forward()
+        outputs[variant] = out
+    if kind == "double":
+        full = dm.double_blocks[0](img=img_b.clone(), txt=txt_b.clone(), vec=vec_b, pe=pe, attn_mask=None, transformer_options={})[0]
+    else:
+        full = dm.single_blocks[0](torch.cat((txt_b, img_b), 1), vec=vec_b, pe=pe, attn_mask=None, transformer_options={})
+    torch.testing.assert_close(outputs["query_subset"], full, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(outputs["reuse"], full, atol=1e-3)

@@ -44,7 +44,8 @@ def _per_token(mods) -> bool:
 
 def _stream_qkv(norm1, attn, mod, x, heads):
     qkv = attn.qkv(apply_mod(norm1(x), 1 + mod.scale, mod.shift))
-    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+    # explicit head size: a token subset may be empty
+    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, qkv.shape[-1] // (3 * heads)).permute(2, 0, 3, 1, 4)
     q, k = attn.norm(q, k, v)
     return q, k, v
 
@@ -174,9 +175,13 @@ class FluxFamilyAdapter:
         scores = self._scores(run, i, torch.cat((txt, img), dim=1))
         index = run.select(i, tokens, scores, img.device)
         txt_index, img_index = index[index < txt_len], index[index >= txt_len] - txt_len
+        computed = rows * index.numel() * self.double_mlp_flops
+        if self._queries_attend(run, i, args) and index.numel():
+            self._double_attend(run, i, block, args, mods, index, txt_index, img_index)
+            computed += rows * index.numel() * (self.double_attn_flops + 4 * tokens * self.hidden)
         img = self._refresh_stream(run, i, "img", img, img_index, block.img_norm2, block.img_mlp, img_mod1, img_mod2)
         txt = _finite_fp16(self._refresh_stream(run, i, "txt", txt, txt_index, block.txt_norm2, block.txt_mlp, txt_mod1, txt_mod2))
-        run.stats.record_block(full_flops, rows * index.numel() * self.double_mlp_flops, rows * tokens, rows * index.numel())
+        run.stats.record_block(full_flops, computed, rows * tokens, rows * index.numel())
         return {"img": img, "txt": txt}
 
     def single_block(self, run, i, args, original_block, replaced_elsewhere=False):
@@ -204,8 +209,10 @@ class FluxFamilyAdapter:
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
         else:
             index = run.select(block_id, tokens, self._scores(run, block_id, x), x.device)
-            out = self._single_subset(run, block_id, block, x, mod, index)
-            run.stats.record_block(full_flops, rows * index.numel() * self.single_flops, rows * tokens, rows * index.numel())
+            attend = self._queries_attend(run, block_id, args)
+            out = self._single_subset(run, block_id, block, args, mod, index, attend)
+            computed = rows * index.numel() * (self.single_flops + (4 * tokens * self.hidden if attend else 0))
+            run.stats.record_block(full_flops, computed, rows * tokens, rows * index.numel())
         if i == self.last_single:
             run.put_final(out["img"])
         return out
@@ -232,7 +239,38 @@ class FluxFamilyAdapter:
         return False
 
     # -- selection features ---------------------------------------------------------
+    # -- query-subset attention variant ----------------------------------------------
+    def _queries_attend(self, run, block_id, args) -> bool:
+        """The variant needs the keys/values of the last full step, and no mask
+        (a mask is laid out for all queries)."""
+        return (run.config.attention_variant == "query_subset" and run.has(block_id, "k")
+                and args.get("attn_mask", args.get("attention_mask")) is None)
+
+    def _attend_subset(self, run, block_id, args, index, q, k, v):
+        """Fresh q/k/v of the selected tokens ([B, H, k, d]); keys and values of
+        the others from the cache. Returns their attention output [B, k, H*d]."""
+        run.scatter(block_id, "k", index, k, dim=2)
+        run.scatter(block_id, "v", index, v, dim=2)
+        keys, values = run.get(block_id, "k", q.device).to(q.dtype), run.get(block_id, "v", q.device).to(q.dtype)
+        pe = args["pe"]
+        if pe is not None:
+            q, keys = apply_rope1(q, pe[:, :, index]), apply_rope1(keys, pe)
+        return _attention(q, keys, values, {**args, "pe": None})
+
+    def _double_attend(self, run, i, block, args, mods, index, txt_index, img_index):
+        img_mod1, _, txt_mod1, _ = mods
+        txt_q, txt_k, txt_v = _stream_qkv(block.txt_norm1, block.txt_attn, txt_mod1, args["txt"][:, txt_index], block.num_heads)
+        img_q, img_k, img_v = _stream_qkv(block.img_norm1, block.img_attn, img_mod1, args["img"][:, img_index], block.num_heads)
+        attn = self._attend_subset(run, i, args, index, torch.cat((txt_q, img_q), dim=2),
+                                   torch.cat((txt_k, img_k), dim=2), torch.cat((txt_v, img_v), dim=2))
+        selected_txt = txt_index.numel()
+        run.scatter(i, "txt_attn", txt_index, block.txt_attn.proj(attn[:, :selected_txt]))
+        run.scatter(i, "img_attn", img_index, block.img_attn.proj(attn[:, selected_txt:]))
+
     def _keep_features(self, run, block_id, x_joint, q, k, v, pe):
+        if run.config.attention_variant == "query_subset":
+            run.put(block_id, "k", k)
+            run.put(block_id, "v", v)
         selector = run.config.selector
         if selector == "v_norm":
             run.put(block_id, "score", norm_scores(v))
@@ -283,14 +321,19 @@ class FluxFamilyAdapter:
         run.reset_staleness(block_id, x.shape[1], x.device)
         return {"img": x}
 
-    def _single_subset(self, run, block_id, block, x, mod, index):
+    def _single_subset(self, run, block_id, block, args, mod, index, attend):
         """Selected tokens: MLP half of linear1 on their current input, joined
-        with their stale attention output through linear2. Every token adds the
-        current gate times the (partly refreshed) cached output."""
+        with their attention output (stale, or recomputed against all keys when
+        `attend`) through linear2. Every token adds the current gate times the
+        (partly refreshed) cached output."""
+        x = args["img"]
         if index.numel():
-            x_sel = x[:, index]
-            _, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(x_sel), 1 + mod.scale, mod.shift)),
-                                 [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
+            qkv, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(x[:, index]), 1 + mod.scale, mod.shift)),
+                                   [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
+            if attend:
+                q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+                q, k = block.norm(q, k, v)
+                run.scatter(block_id, "attn", index, self._attend_subset(run, block_id, args, index, q, k, v))
             attn = run.get(block_id, "attn", x.device)[:, index].to(x.dtype)
             run.scatter(block_id, "out", index, block.linear2(torch.cat((attn, _single_mlp_act(block, mlp)), 2)))
         return {"img": _single_finish(x, mod, run.get(block_id, "out", x.device).to(x.dtype))}
