@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := .dtc/env
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bench-reference clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -16,6 +16,9 @@ demo: setup
 
 bench: setup
 	@source $(ENV) && DTC_COMFYUI=$$DTC_COMFYUI $$DTC_PYTHON bench/bench_flux.py
+
+bench-reference: setup
+	@source $(ENV) && DTC_COMFYUI=$$DTC_COMFYUI $$DTC_PYTHON bench/bench_reference.py --out bench/out/reference
 
 clean:
 	rm -rf .dtc

@@ -3,11 +3,12 @@ diffusion transformers in ComfyUI."""
 from comfy_api.v0_0_2 import ComfyExtension
 
 from .nodes.duca_node import DuCaCacheNode
+from .nodes.reference_nodes import DEMO_NODES
 
 
 class TokenCacheExtension(ComfyExtension):
     async def get_node_list(self):
-        return [DuCaCacheNode]
+        return [DuCaCacheNode, *DEMO_NODES]
 
 
 async def comfy_entrypoint() -> TokenCacheExtension:

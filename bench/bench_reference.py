@@ -1,0 +1,224 @@
+"""Every caching method on the project's trained reference model, one process,
+same seeds: quality against the uncached run (PSNR, SSIM, relative L2),
+against the data (classifier accuracy, Fréchet distance on classifier
+features), and speed (wall clock, median of 3, and theoretical from work
+accounting). Writes a Markdown report, a Pareto plot and an image grid.
+
+    python bench/bench_reference.py                # full run (about 25 min on 2 cores)
+    python bench/bench_reference.py --quick        # a couple of settings, few samples (CI)
+"""
+import argparse
+import json
+import logging
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+import tiny_models  # noqa: E402
+
+tiny_models.ensure_comfy()
+
+import comfy.patcher_extension  # noqa: E402
+import comfy.sd  # noqa: E402
+import nodes  # noqa: E402
+from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode  # noqa: E402
+
+from pack_loader import import_pack  # noqa: E402
+from reference import codec, shapes  # noqa: E402
+from reference.classifier import accuracy, load_classifier  # noqa: E402
+from reference.model import MODEL_FILE, WEIGHTS, conditioning  # noqa: E402
+
+pack = import_pack()
+from dit_token_cache.accel_core import metrics  # noqa: E402
+CacheConfig = pack.accel_core.CacheConfig
+patcher = pack.nodes.patcher
+StepKind = pack.accel_core.StepKind
+
+
+@dataclass
+class Method:
+    name: str
+    family: str                 # Pareto front it belongs to
+    build: object               # model -> patched model
+    steps: int
+
+
+class CacheLogSkips(logging.Handler):
+    """EasyCache and LazyCache report skipped steps only in their closing log line."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.skipped = None
+
+    def emit(self, record):
+        found = re.search(r"(?:Easy|Lazy)Cache - skipped (\d+)/(\d+) steps", record.getMessage())
+        if found:
+            self.skipped = (int(found.group(1)), int(found.group(2)))
+
+
+def ours(config):
+    return lambda model: patcher.apply_token_cache(model, config)
+
+
+def methods_for(args) -> list:
+    steps = args.steps
+    plain = lambda model: model  # noqa: E731
+    if args.quick:
+        return [Method("uncached", "uncached", plain, steps),
+                Method("DuCa N=3 r=0.9", "DuCa", ours(CacheConfig(cycle_length=3)), steps)]
+    found = [Method("uncached", "uncached", plain, steps)]
+    settings = [("DuCa", dict(cycle_length=n)) for n in (3, 5, 8)] + [("DuCa", dict(cycle_length=5, cache_ratio=0.7))]
+    settings += [("ToCa", dict(cycle_length=n, mode="toca")) for n in (3, 5)] + [("ToCa", dict(cycle_length=5, cache_ratio=0.7, mode="toca"))]
+    settings += [("FORA", dict(cycle_length=n, mode="fora")) for n in (2, 3, 5)]
+    for family, kw in settings:
+        config = CacheConfig(**kw)
+        ratio = "" if family == "FORA" else f" r={config.cache_ratio}"
+        found.append(Method(f"{family} N={config.cycle_length}{ratio}", family, ours(config), steps))
+    for selector in ("v_norm", "k_norm", "similarity", "attention"):
+        config = CacheConfig(cycle_length=5, selector=selector)
+        found.append(Method(f"DuCa N=5 r=0.9 {selector}", "DuCa selectors", ours(config), steps))
+    found.append(Method("DuCa N=5 r=0.9 conservative-first", "DuCa order", ours(CacheConfig(cycle_length=5, aggressive_first=False)), steps))
+    found.append(Method("DuCa N=5 r=0.9 query-subset attention", "DuCa attention variant",
+                        ours(CacheConfig(cycle_length=5, attention_variant="query_subset")), steps))
+    for t in (0.1, 0.3):
+        found.append(Method(f"EasyCache t={t}", "EasyCache", lambda m, t=t: EasyCacheNode.execute(m, t, 0.15, 0.95, False).result[0], steps))
+    found.append(Method("LazyCache t=0.3", "LazyCache", lambda m: LazyCacheNode.execute(m, 0.3, 0.15, 0.95, False).result[0], steps))
+    for divisor in (2, 3, 4):
+        found.append(Method(f"{steps // divisor} steps", "fewer steps", plain, steps // divisor))
+    return found
+
+
+def generate(model, labels, seed, steps, cfg, batch):
+    """Images [N, 3, 64, 64] for labels [N, 3], in batches; batch b uses seed + b."""
+    images = []
+    for b, start in enumerate(range(0, labels.shape[0], batch)):
+        chunk = labels[start:start + batch]
+        positive, negative = conditioning(chunk)
+        side = shapes.IMAGE_SIZE // codec.DOWNSCALE
+        latent = {"samples": torch.zeros(chunk.shape[0], codec.LATENT_CHANNELS, side, side)}
+        (out,) = nodes.common_ksampler(model, seed + b, steps, cfg, "euler", "simple", positive, negative, latent)
+        images.append(codec.decode(out["samples"].float()))
+    return torch.cat(images)
+
+
+def run_stats(patched, method, skips, full_steps):
+    """Theoretical speedup of the run just finished: our work accounting,
+    EasyCache/LazyCache's skipped steps, or the step count ratio."""
+    settings = patched.model_options["transformer_options"].get(patcher.SETTINGS_KEY)
+    if settings is not None and settings.last_run is not None:
+        s = settings.last_run.stats
+        return {"theoretical": s.theoretical_speedup, "work_fraction": s.work_fraction, **s.counts()}
+    if method.family in ("EasyCache", "LazyCache"):
+        skipped, total = skips.skipped
+        return {"theoretical": total / (total - skipped), "skipped": skipped}
+    return {"theoretical": full_steps / method.steps}
+
+
+def step_error_probe(records):
+    """APPLY_MODEL wrapper: each evaluation is computed twice, in full and
+    with the cache, and the relative error of the cached output is recorded
+    with the step's kind and its distance from the last full step."""
+    def probe(executor, x, t, *args, **kwargs):
+        *rest, options = args
+        full = executor(x, t, *rest, {k: v for k, v in options.items() if k != patcher.RUN_KEY}, **kwargs)
+        cached = executor(x, t, *rest, options, **kwargs)
+        run = options.get(patcher.RUN_KEY)
+        if run is not None:
+            step = run.schedule.step_of(float(t.flatten()[0]))
+            kind = run.stats.step_kinds.get(step)
+            since_full = next(d for d in range(step + 1) if run.schedule.kinds[step - d] is StepKind.FULL)
+            records.append({"step": step, "kind": kind.value, "since_full": since_full,
+                            "error": float(metrics.relative_l2(cached, full))})
+        return cached
+    return probe
+
+
+def measure_step_errors(model, labels, args):
+    """Claim: right after a full step, aggressive and conservative steps err about
+    equally; later they diverge. Long FORA and ToCa cycles give both kinds at
+    every distance from the full step."""
+    results = {}
+    for mode in ("fora", "toca"):
+        records = []
+        patched = patcher.apply_token_cache(model, CacheConfig(cycle_length=args.steps, mode=mode))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "dtc_step_error", step_error_probe(records))
+        generate(patched, labels, args.seed, args.steps, args.cfg, args.batch)
+        results[mode] = records
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--timing-batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "reference")
+    args = parser.parse_args()
+    if args.quick:
+        args.samples, args.steps, args.batch, args.timing_batch, args.repeats = 16, 8, 16, 4, 1
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    skips = CacheLogSkips()
+    logging.getLogger().addHandler(skips)
+    logging.getLogger().setLevel(logging.INFO)
+    model = comfy.sd.load_diffusion_model(str(MODEL_FILE))
+    classifier = load_classifier(WEIGHTS / "classifier.safetensors")
+    generator = torch.Generator().manual_seed(args.seed)
+    labels = shapes.random_labels(args.samples, generator)
+    real_images = shapes.render(shapes.random_labels(args.samples, generator), generator)
+    real_features = classifier.features(real_images)
+    timing_labels = labels[:args.timing_batch]
+
+    rows, outputs = [], {}
+    methods = methods_for(args)
+    for method in methods:
+        patched = method.build(model)
+        skips.skipped = None
+        images = generate(patched, labels, args.seed, method.steps, args.cfg, args.batch)
+        outputs[method.name] = images
+        row = {"method": method.name, "family": method.family, "steps": method.steps,
+               **run_stats(patched, method, skips, args.steps)}
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            generate(patched, timing_labels, args.seed, method.steps, args.cfg, args.timing_batch)
+            times.append(time.perf_counter() - start)
+        row["seconds"] = statistics.median(times)
+        predicted = classifier.predict(images)
+        row.update({f"acc_{k}": v for k, v in accuracy(predicted, labels).items()})
+        row["fd"] = float(metrics.frechet_distance(classifier.features(images), real_features))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    reference = outputs["uncached"]
+    base_seconds = rows[0]["seconds"]
+    for row in rows:
+        images = outputs[row["method"]]
+        row["wall_speedup"] = base_seconds / row["seconds"]
+        row["psnr"] = float(metrics.psnr(images, reference).mean())
+        row["ssim"] = float(metrics.ssim(images, reference).mean())
+        row["rel_l2"] = float(metrics.relative_l2(images, reference))
+
+    step_errors = measure_step_errors(model, labels[:args.batch], args)
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "step_errors": step_errors, "args": {
+        k: str(v) for k, v in vars(args).items()}}, indent=1))
+    import report
+    report.write(rows, step_errors, outputs, labels, args)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
