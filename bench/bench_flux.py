@@ -11,8 +11,6 @@ relative L2 of the final latent against uncached, and peak memory.
 """
 import argparse
 import json
-import logging
-import re
 import statistics
 import sys
 import threading
@@ -28,11 +26,11 @@ import tiny_models  # noqa: E402
 
 COMFYUI = tiny_models.ensure_comfy()
 
-import comfy.model_management  # noqa: E402
 import nodes  # noqa: E402
 from comfy_extras.nodes_easycache import EasyCacheNode  # noqa: E402
 
 from pack_loader import import_pack  # noqa: E402
+from skipped_steps import SkippedStepsLog  # noqa: E402
 
 pack = import_pack()
 CacheConfig = pack.accel_core.CacheConfig
@@ -63,19 +61,6 @@ class PeakRSS:
     def __exit__(self, *exc):
         self.running = False
         self.thread.join()
-
-
-class EasyCacheSkips(logging.Handler):
-    """EasyCache reports its skipped steps only in its closing log line."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.skipped = None
-
-    def emit(self, record):
-        found = re.search(r"EasyCache - skipped (\d+)/(\d+) steps", record.getMessage())
-        if found:
-            self.skipped = (int(found.group(1)), int(found.group(2)))
 
 
 def run_once(model, args, positive, negative, latent):
@@ -134,9 +119,7 @@ def main():
             return EasyCacheNode.execute(model, spec[1], 0.15, 0.95, False).result[0]
         return apply_token_cache(model, spec)
 
-    easycache_log = EasyCacheSkips()
-    logging.getLogger().addHandler(easycache_log)
-    logging.getLogger().setLevel(logging.INFO)
+    easycache_log = SkippedStepsLog().install()
     rows = []
     nodes.common_ksampler(model, args.seed, 2, 1.0, "euler", "simple", positive, negative, latent)  # warm-up
     patched = {name: build(spec) for name, spec in variants}

@@ -9,8 +9,6 @@ accounting). Writes a Markdown report, a Pareto plot and an image grid.
 """
 import argparse
 import json
-import logging
-import re
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ import nodes  # noqa: E402
 from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode  # noqa: E402
 
 from pack_loader import import_pack  # noqa: E402
+from skipped_steps import SkippedStepsLog  # noqa: E402
 from reference import codec, shapes  # noqa: E402
 from reference.classifier import accuracy, load_classifier  # noqa: E402
 from reference.model import MODEL_FILE, WEIGHTS, conditioning  # noqa: E402
@@ -49,19 +48,6 @@ class Method:
     family: str                 # Pareto front it belongs to
     build: object               # model -> patched model
     steps: int
-
-
-class CacheLogSkips(logging.Handler):
-    """EasyCache and LazyCache report skipped steps only in their closing log line."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.skipped = None
-
-    def emit(self, record):
-        found = re.search(r"(?:Easy|Lazy)Cache - skipped (\d+)/(\d+) steps", record.getMessage())
-        if found:
-            self.skipped = (int(found.group(1)), int(found.group(2)))
 
 
 def ours(config):
@@ -171,9 +157,7 @@ def main():
         args.samples, args.steps, args.batch, args.timing_batch, args.repeats = 16, 8, 16, 4, 1
     args.out.mkdir(parents=True, exist_ok=True)
 
-    skips = CacheLogSkips()
-    logging.getLogger().addHandler(skips)
-    logging.getLogger().setLevel(logging.INFO)
+    skips = SkippedStepsLog().install()
     model = comfy.sd.load_diffusion_model(str(MODEL_FILE))
     classifier = load_classifier(WEIGHTS / "classifier.safetensors")
     generator = torch.Generator().manual_seed(args.seed)

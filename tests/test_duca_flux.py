@@ -7,7 +7,6 @@ import comfy.sample
 import comfy.sd
 import nodes
 import tiny_models
-from comfy.ldm.flux.layers import apply_mod
 
 from dit_token_cache.accel_core.config import CacheConfig
 from dit_token_cache.accel_core.run import CacheRun

@@ -154,7 +154,7 @@ class FluxFamilyAdapter:
 
     def double_block(self, run, i, args, original_block, replaced_elsewhere=False):
         block = self.double_blocks[i]
-        img, txt, vec, pe = args["img"], args["txt"], args["vec"], args["pe"]
+        img, txt, vec = args["img"], args["txt"], args["vec"]
         txt_len, tokens, rows = txt.shape[1], txt.shape[1] + img.shape[1], img.shape[0]
         full_flops = rows * (tokens * (self.double_attn_flops + self.double_mlp_flops) + self._attention_flops(tokens))
         plan = run.plan
