@@ -51,17 +51,6 @@ class WorkStats:
     def theoretical_speedup(self) -> float:
         return 1.0 / self.work_fraction if self.work_fraction > 0 else float("inf")
 
-    def as_dict(self) -> dict:
-        return {
-            "steps": len(self.step_kinds),
-            "evaluations": self.evaluations,
-            **self.counts(),
-            "work_fraction": self.work_fraction,
-            "token_fraction": self.token_fraction,
-            "theoretical_speedup": self.theoretical_speedup,
-            "peak_cache_bytes": self.peak_cache_bytes,
-        }
-
     def summary(self, name: str) -> str:
         c = self.counts()
         return (f"{name}: {len(self.step_kinds)} steps ({c['full']} full, {c['aggressive']} aggressive, "
