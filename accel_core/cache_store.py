@@ -36,6 +36,9 @@ class CacheStore:
     def has(self, uuids: Sequence[Hashable], key: Hashable) -> bool:
         return all(key in self._entries.get(uuid, {}) for uuid in uuids)
 
+    def shape(self, uuid: Hashable, key: Hashable) -> torch.Size:
+        return self._entries[uuid][key].shape
+
     def get(self, uuids: Sequence[Hashable], key: Hashable, device: torch.device) -> torch.Tensor:
         chunks = [self._entries[uuid][key] for uuid in uuids]
         joined = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)

@@ -34,6 +34,7 @@ class CacheRun:
         self.stats = WorkStats()
         self.plan: Optional[ForwardPlan] = None
         self.last_selection: dict = {}   # block id -> indices picked at the latest conservative step
+        self.layout: dict = {}           # adapters' bookkeeping for this run (output structures, per-block work)
         self._signature = None
 
     # -- per model evaluation -------------------------------------------------
@@ -73,6 +74,10 @@ class CacheRun:
     def has(self, block_id: int, name: str) -> bool:
         return self.store.has(self.plan.uuids, (block_id, name))
 
+    def cached_shape(self, block_id: int, name: str) -> torch.Size:
+        """Shape of one cond's entry, without moving it."""
+        return self.store.shape(self.plan.uuids[0], (block_id, name))
+
     def scatter(self, block_id: int, name: str, index: torch.Tensor, values: torch.Tensor, dim: int = 1) -> None:
         self.store.scatter(self.plan.uuids, (block_id, name), index, values, dim)
 
@@ -83,25 +88,33 @@ class CacheRun:
         # a copy: ComfyUI (ControlNet) adds to a block's output in place
         return self.store.get(self.plan.uuids, FINAL, device).to(dtype=dtype, copy=True)
 
-    def reset_staleness(self, block_id: int, tokens: int, device: torch.device) -> None:
-        self.put(block_id, "staleness", torch.zeros(len(self.plan.uuids), tokens, dtype=torch.int32, device=device))
+    def reset_staleness(self, block_id: int, tokens: int, device: torch.device, stream: int = 0) -> None:
+        self.put(block_id, staleness_key(stream),
+                 torch.zeros(len(self.plan.uuids), tokens, dtype=torch.int32, device=device))
 
-    def age_all(self, block_id: int) -> None:
+    def age_all(self, block_id: int, streams: int = 1) -> None:
         """Aggressive step: no token of the block was computed."""
-        if self.has(block_id, "staleness"):
-            self.store.increment(self.plan.uuids, (block_id, "staleness"))
+        for stream in range(streams):
+            if self.has(block_id, staleness_key(stream)):
+                self.store.increment(self.plan.uuids, (block_id, staleness_key(stream)))
 
-    def select(self, block_id: int, tokens: int, scores: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    def select(self, block_id: int, tokens: int, scores: Optional[torch.Tensor], device: torch.device,
+               stream: int = 0) -> torch.Tensor:
         """Indices of the tokens this block recomputes at this conservative step,
-        with staleness updated. `scores` is None for the random selector."""
-        staleness = self.get(block_id, "staleness", device)
+        with staleness updated. `scores` is None for the random selector.
+        `stream` tells apart the token streams of a two-stream block (image, text)."""
+        staleness = self.get(block_id, staleness_key(stream), device)
         if scores is None:
-            scores = random_scores(tokens, self.config.seed, self.plan.step, block_id).to(device)
+            scores = random_scores(tokens, self.config.seed, self.plan.step, block_id + 1000 * stream).to(device)
         count = self.config.recompute_count(tokens)
         index = pick_tokens(scores, staleness.float().mean(dim=0), self.config.staleness_weight,
                             self.config.cycle_length, count)
         staleness = staleness + 1
         staleness[:, index] = 0
-        self.put(block_id, "staleness", staleness)
-        self.last_selection[block_id] = index
+        self.put(block_id, staleness_key(stream), staleness)
+        self.last_selection[block_id if stream == 0 else (block_id, stream)] = index
         return index
+
+
+def staleness_key(stream: int) -> str:
+    return "staleness" if stream == 0 else f"staleness{stream}"

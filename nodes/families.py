@@ -1,13 +1,15 @@
 """Which diffusion transformers the pack can cache, and the adapter for each."""
 import importlib
 
+from .adapters import wan
 from .adapters.flux import FluxFamilyAdapter
 
-# (family name users know, ComfyUI module, class name, adapter class)
+# (family name users know, ComfyUI module, class name, adapter factory(diffusion_model, family))
 FAMILIES = (
     ("Flux (Flux.1 dev/schnell, Flux 2, Kontext)", "comfy.ldm.flux.model", "Flux", FluxFamilyAdapter),
     ("Chroma", "comfy.ldm.chroma.model", "Chroma", FluxFamilyAdapter),
     ("HunyuanVideo", "comfy.ldm.hunyuan_video.model", "HunyuanVideo", FluxFamilyAdapter),
+    ("Wan (2.1, 2.2)", "comfy.ldm.wan.model", "WanModel", wan.adapter),
 )
 
 

@@ -1,7 +1,8 @@
 """Wires a CacheRun into ComfyUI's sampling: an OUTER_SAMPLE wrapper gives each
 sampling run its own fresh state and always tears it down, an APPLY_MODEL
-wrapper tells the run which step each evaluation is, and block-replace patches
-hand every block call to the family adapter."""
+wrapper tells the run which step each evaluation is, and the family adapter's
+patches (block replacements, or object patches of block submodules) hand the
+blocks' work to it."""
 import functools
 import logging
 
@@ -26,6 +27,7 @@ class TokenCacheSettings:
         self.name = name
         self.node_id = node_id
         self.last_run = None   # the latest finished run, for its statistics
+        self.active_run = None  # the run under way, for patches that get no transformer_options
 
     def new_run(self, model_sampling, sample_sigmas) -> CacheRun:
         start_sigma = float(model_sampling.percent_to_sigma(self.config.start_percent))
@@ -53,9 +55,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     sigmas = args[3]
     run = settings.new_run(guider.model_patcher.model.model_sampling, sigmas)
     transformer_options[RUN_KEY] = run
+    settings.active_run = run
     try:
         return executor(*args, **kwargs)
     finally:
+        settings.active_run = None
         summary = run.stats.summary(settings.name)
         logging.info(summary)
         _show_on_node(settings, summary)
@@ -89,21 +93,34 @@ def _block_patch(adapter_method, index, earlier_patch, args, extra):
     return adapter_method(run, index, args, original, replaced_elsewhere=earlier_patch is not None)
 
 
-def _patch_factory(model_patcher):
-    earlier = model_patcher.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+class PatchHooks:
+    """What an adapter's install() gets: block-replace patches that keep any
+    earlier replacement, and the run under way."""
 
-    def factory(adapter_method, block_name, index):
-        return functools.partial(_block_patch, adapter_method, index, earlier.get((block_name, index)))
-    return factory
+    def __init__(self, model_patcher, settings: TokenCacheSettings):
+        self._earlier = model_patcher.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+        self._settings = settings
+
+    def block_replace(self, adapter_method, block_name, index):
+        return functools.partial(_block_patch, adapter_method, index, self._earlier.get((block_name, index)))
+
+    def current_run(self):
+        return self._settings.active_run
 
 
 def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=None):
     """A patched clone of `model`; the input model is left as it was."""
     adapter = adapter_for(model)
+    if config.selector not in adapter.selectors:
+        raise ValueError(f"selector={config.selector!r} is not available for {adapter.family} models "
+                         f"(it needs the attention's keys and values); accepted: {', '.join(adapter.selectors)}")
+    if config.attention_variant not in adapter.attention_variants:
+        raise ValueError(f"attention_variant={config.attention_variant!r} is not available for {adapter.family} "
+                         f"models; accepted: {', '.join(adapter.attention_variants)}")
     patched = model.clone()
     settings = TokenCacheSettings(config, name, node_id)
     patched.model_options["transformer_options"][SETTINGS_KEY] = settings
-    adapter.install(patched, _patch_factory(patched))
+    adapter.install(patched, PatchHooks(patched, settings))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
     return patched

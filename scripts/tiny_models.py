@@ -23,6 +23,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -46,6 +47,9 @@ class FamilySpec:
     guidance: float | None  # distilled guidance put into the conditioning
     default_cfg: float
     default_frames: int | None = None  # pixel frames of a video latent
+    hidden_key: str = "hidden_size"  # constructor kwarg of the model width (num_heads = width // HEAD_DIM)
+    context_key: str = "context_in_dim"  # constructor kwarg of the text-conditioning width
+    extra_conditioning: Callable | None = None  # (batch, seed, stream) -> extra conditioning entries
 
 
 _FLUX_CONFIG = {
@@ -153,6 +157,36 @@ FAMILIES = {
         default_cfg=1.0,
         default_frames=5,
     ),
+
+    # Wan 2.1 / 2.2 14B layout; detection fixes the text width at 4096 (umT5) and heads at dim // 128.
+    "wan_t2v": FamilySpec(
+        model_class="comfy.ldm.wan.model.WanModel",
+        config={
+            "image_model": "wan2.1",
+            "model_type": "t2v",
+            "patch_size": (1, 2, 2),
+            "in_dim": 16,
+            "out_dim": 16,
+            "text_dim": 4096,
+            "freq_dim": 256,
+            "window_size": (-1, -1),
+            "qk_norm": True,
+            "cross_attn_norm": True,
+            "eps": 1e-6,
+        },
+        sizes={
+            "tiny": {"dim": 256, "ffn_dim": 512, "num_layers": 3, "dtype": "float32"},
+            "bench": {"dim": 768, "ffn_dim": 3072, "num_layers": 8, "dtype": "bfloat16"},
+        },
+        tunable=frozenset({"dim", "ffn_dim", "num_layers", "dtype"}),
+        latent_format="Wan21",
+        pooled_dim=None,
+        guidance=None,
+        default_cfg=5.0,
+        default_frames=5,
+        hidden_key="dim",
+        context_key="text_dim",
+    ),
 }
 
 
@@ -191,9 +225,9 @@ def model_config(family: str, size: str = "tiny", **overrides) -> dict:
             f"{family}: {sorted(fixed)} are forced by ComfyUI's detection; tunable: {sorted(spec.tunable)}"
         )
     config = {**spec.config, **spec.sizes[size], **overrides}
-    if config["hidden_size"] % HEAD_DIM:
-        raise ValueError(f"{family}: hidden_size must be a multiple of {HEAD_DIM}")
-    config["num_heads"] = config["hidden_size"] // HEAD_DIM
+    if config[spec.hidden_key] % HEAD_DIM:
+        raise ValueError(f"{family}: {spec.hidden_key} must be a multiple of {HEAD_DIM}")
+    config["num_heads"] = config[spec.hidden_key] // HEAD_DIM
     return config
 
 
@@ -301,10 +335,9 @@ def conditioning(
     ComfyUI from batching cond and uncond together.
     """
     spec = _spec(family)
+    context_dim = spec.config[spec.context_key]
     if model_patcher is not None:
-        context_dim = model_patcher.model.model_config.unet_config["context_in_dim"]
-    else:
-        context_dim = spec.config["context_in_dim"]
+        context_dim = model_patcher.model.model_config.unet_config.get(spec.context_key, context_dim)
 
     def one(length: int, stream: int):
         extra = {}
@@ -312,6 +345,8 @@ def conditioning(
             extra["pooled_output"] = _randn((batch, spec.pooled_dim), seed, stream + 1)
         if spec.guidance is not None:
             extra["guidance"] = spec.guidance
+        if spec.extra_conditioning is not None:
+            extra.update(spec.extra_conditioning(batch, seed, stream))
         return [[_randn((batch, length, context_dim), seed, stream), extra]]
 
     return one(tokens, 0), one(tokens if neg_tokens is None else neg_tokens, 2)

@@ -15,6 +15,7 @@ import torch
 from comfy.ldm.flux.layers import apply_mod
 from comfy.ldm.flux.math import apply_rope1, attention
 
+from ...accel_core.config import ATTENTION_VARIANTS, SELECTORS
 from ...accel_core.schedule import StepKind
 from ...accel_core.selectors import attention_scores, norm_scores, sampled_query_indices, similarity_scores
 
@@ -126,6 +127,9 @@ class FluxFamilyAdapter:
     token subset. Token index space per evaluation: cat(txt, img), the layout of
     the single-stream blocks; double blocks split it at len(txt)."""
 
+    selectors = SELECTORS
+    attention_variants = ATTENTION_VARIANTS
+
     def __init__(self, diffusion_model, family: str):
         self.family = family
         self.double_blocks = list(diffusion_model.double_blocks)
@@ -143,11 +147,11 @@ class FluxFamilyAdapter:
         self.single_flops = 2 * (_linear_params(first_single.linear1) + _linear_params(first_single.linear2))
 
     # -- ComfyUI patch entry points ---------------------------------------------
-    def install(self, model_patcher, patch_factory):
+    def install(self, model_patcher, hooks):
         for i in range(len(self.double_blocks)):
-            model_patcher.set_model_patch_replace(patch_factory(self.double_block, "double_block", i), "dit", "double_block", i)
+            model_patcher.set_model_patch_replace(hooks.block_replace(self.double_block, "double_block", i), "dit", "double_block", i)
         for i in range(len(self.single_blocks)):
-            model_patcher.set_model_patch_replace(patch_factory(self.single_block, "single_block", i), "dit", "single_block", i)
+            model_patcher.set_model_patch_replace(hooks.block_replace(self.single_block, "single_block", i), "dit", "single_block", i)
 
     def _attention_flops(self, tokens):
         return 4 * tokens * tokens * self.hidden

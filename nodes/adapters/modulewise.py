@@ -1,0 +1,235 @@
+"""Token caching for DiT families through their blocks' own submodules.
+
+Most DiT blocks call their attention, cross-attention and MLP as submodules
+(Wan, Qwen-Image, PixArt, LTX-Video, Lumina 2, HiDream). Caching then needs
+no copy of any forward code: the `forward` of each block and of those
+submodules is replaced on the cloned model with ModelPatcher object patches
+(restored when sampling ends, never global), and the block's own code keeps
+doing normalisation, modulation, gating and residuals, per-token modulation
+included. A family adapter only declares which submodules play which role:
+
+- "reuse": the output is cached at full steps and returned as it is at
+  conservative steps (self-attention, as in the research method);
+- "subset": a token-wise module (MLP, cross-attention queries) that runs on the
+  selected tokens only at conservative steps; its cached output gets their
+  fresh rows.
+
+Aggressive steps skip the blocks: each returns its input, the last one the
+cached output of the last computed step.
+"""
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ...accel_core.run import staleness_key
+from ...accel_core.schedule import StepKind
+from ...accel_core.selectors import similarity_scores
+
+REUSE, SUBSET = "reuse", "subset"
+SELECTORS = ("random", "similarity")
+
+
+@dataclass(frozen=True)
+class CachedModule:
+    path: str               # relative to the block, e.g. "self_attn", "ffn"
+    role: str               # REUSE or SUBSET
+    stream: int = 0         # token stream whose selection it follows (0 image, 1 text)
+    input_name: str = ""    # keyword the block passes the token input by, when not positional
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    path: str                                   # ModuleList in the diffusion model, e.g. "blocks"
+    modules: Sequence[CachedModule]
+    passthrough: Callable[[tuple, dict], Any]   # what a block returns when skipped: its input, in its output structure
+
+
+def _linear_flops(module) -> int:
+    """Two FLOPs per weight of every linear layer, per token."""
+    return 2 * sum(p.numel() for n, p in module.named_parameters() if n.endswith("weight") and p.ndim == 2)
+
+
+def _tokens_in(value) -> int:
+    return value.shape[1] if isinstance(value, torch.Tensor) and value.ndim >= 3 else 0
+
+
+def _flatten(output):
+    return list(output) if isinstance(output, (tuple, list)) else [output]
+
+
+class _BlockCall:
+    """Work, token counts and selections of one block call."""
+
+    def __init__(self):
+        self.full_flops = 0.0
+        self.computed_flops = 0.0
+        self.tokens = 0
+        self.computed_tokens = 0
+        self.stream_tokens = {}   # stream -> (tokens, device), as seen by its submodules
+        self.selection = {}       # stream -> indices, shared by the stream's submodules
+
+
+def _first_tensor(args, kwargs) -> torch.Tensor:
+    return next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.ndim >= 2)
+
+
+class ModulewiseAdapter:
+    """Declared roles of a family's block submodules, and the patches that act on them."""
+
+    selectors = SELECTORS
+    attention_variants = ("reuse",)
+
+    def __init__(self, diffusion_model, family: str, groups: Sequence[BlockGroup]):
+        self.family = family
+        self.blocks = []      # (object path, block module, group)
+        for group in groups:
+            for i, block in enumerate(_get(diffusion_model, group.path)):
+                self.blocks.append((f"diffusion_model.{group.path}.{i}", block, group))
+        if not self.blocks:
+            raise ValueError(f"{family} model has no transformer blocks to cache")
+        self.last_block = len(self.blocks) - 1
+        self.call: Optional[_BlockCall] = None
+
+    def install(self, model_patcher, hooks):
+        current_run = hooks.current_run
+        for block_id, (path, block, group) in enumerate(self.blocks):
+            forward = model_patcher.get_model_object(f"{path}.forward")
+            model_patcher.add_object_patch(f"{path}.forward", _bind(self._block, current_run, block_id, group, forward))
+            for spec in group.modules:
+                module_path = f"{path}.{spec.path}.forward"
+                forward = model_patcher.get_model_object(module_path)
+                flops = _linear_flops(_get(block, spec.path))
+                model_patcher.add_object_patch(module_path, _bind(self._module, current_run, block_id, spec, forward, flops))
+
+    # -- block ------------------------------------------------------------------
+    def _block(self, current_run, block_id, group, forward, *args, **kwargs):
+        run = current_run()
+        plan = run.plan if run is not None else None
+        if plan is None:
+            return forward(*args, **kwargs)
+        if plan.kind is StepKind.AGGRESSIVE:
+            flops_per_row, tokens_per_row, streams = run.layout[("work", block_id)]
+            first = _first_tensor(args, kwargs)
+            rows = first.shape[0]
+            run.age_all(block_id, streams)
+            run.stats.record_block(rows * flops_per_row, 0, rows * tokens_per_row, 0)
+            if block_id == self.last_block:
+                return self._cached_output(run, first.device)
+            return group.passthrough(args, kwargs)
+        self.call = _BlockCall()
+        try:
+            output = forward(*args, **kwargs)
+        finally:
+            call, self.call = self.call, None
+        if plan.kind is StepKind.FULL and plan.fill:
+            rows = _first_tensor(args, kwargs).shape[0]
+            run.layout[("work", block_id)] = (call.full_flops / rows, call.tokens / rows, 1 + max(call.stream_tokens, default=0))
+            for stream, (tokens, device) in call.stream_tokens.items():
+                run.reset_staleness(block_id, tokens, device, stream)
+            if block_id == self.last_block:
+                self._store_output(run, output)
+        run.stats.record_block(call.full_flops, call.computed_flops, call.tokens, call.computed_tokens)
+        return output
+
+    # -- submodules -------------------------------------------------------------
+    def _module(self, current_run, block_id, spec, forward, per_token_flops, *args, **kwargs):
+        run, call = current_run(), self.call
+        plan = run.plan if run is not None else None
+        if plan is None or call is None:
+            return forward(*args, **kwargs)
+        x = kwargs[spec.input_name] if spec.input_name else args[0]
+        rows, tokens = x.shape[0], x.shape[1]
+        full = rows * tokens * per_token_flops
+        if spec.role == REUSE:
+            # attention over every token of its inputs (joint attention: image and text)
+            joint = sum(_tokens_in(a) for a in (*args, *kwargs.values()) if _tokens_in(a) and a.shape[-1] == x.shape[-1])
+            full += rows * 4 * joint * joint * x.shape[-1]
+        call.full_flops += full
+        call.stream_tokens.setdefault(spec.stream, (tokens, x.device))
+        if spec.stream == 0:
+            call.tokens += rows * tokens
+        key = spec.path + "#"
+        if plan.kind is StepKind.FULL or not self._cached(run, block_id, spec, key, tokens):
+            output = forward(*args, **kwargs)
+            call.computed_flops += full
+            call.computed_tokens += rows * tokens if spec.stream == 0 else 0
+            if plan.fill:
+                self._fill(run, block_id, spec, key, x, output)
+            return output
+        if spec.role == REUSE:
+            return self._get_output(run, block_id, key, x.device)
+        index = self._selection(run, block_id, spec, key, x)
+        call.computed_flops += rows * index.numel() * per_token_flops
+        call.computed_tokens += rows * index.numel() if spec.stream == 0 else 0
+        if index.numel():
+            if spec.input_name:
+                fresh = forward(*args, **{**kwargs, spec.input_name: x[:, index]})
+            else:
+                fresh = forward(x[:, index], *args[1:], **kwargs)
+            run.scatter(block_id, key + "0", index, fresh)
+        return self._get_output(run, block_id, key, x.device)
+
+    def _fill(self, run, block_id, spec, key, x, output):
+        parts = _flatten(output)
+        for j, part in enumerate(parts):
+            run.put(block_id, key + str(j), part)
+        run.layout[("parts", block_id, key)] = (len(parts), isinstance(output, (tuple, list)), type(output))
+        if spec.role == SUBSET and run.config.selector == "similarity":
+            run.put(block_id, key + "input", x)
+
+    def _cached(self, run, block_id, spec, key, tokens) -> bool:
+        """Whether this module has a cache of the right size; otherwise it
+        computes in full (and says so once)."""
+        reason = None
+        if not run.has(block_id, key + "0") or (spec.role == SUBSET and not run.has(block_id, staleness_key(spec.stream))):
+            reason = "no cache from the last full step (another node replaced the block?)"
+        elif run.cached_shape(block_id, key + "0")[1] != tokens:
+            reason = "a token count that changed since the last full step"
+        if reason is None:
+            return True
+        if run.stats.note_once(f"{run.name}: {self.family} {spec.path} with {reason} computes in full"):
+            logging.warning(run.stats.notes[-1])
+        return False
+
+    def _get_output(self, run, block_id, key, device):
+        count, is_sequence, kind = run.layout[("parts", block_id, key)]
+        # copies: the block may update what it is given in place
+        parts = [run.get(block_id, key + str(j), device).clone() for j in range(count)]
+        return kind(parts) if is_sequence else parts[0]
+
+    def _selection(self, run, block_id, spec, key, x):
+        """One selection per block and stream, shared by the stream's submodules."""
+        index = self.call.selection.get(spec.stream)
+        if index is None:
+            scores = similarity_scores(x, run.get(block_id, key + "input", x.device)) if run.config.selector == "similarity" else None
+            index = run.select(block_id, x.shape[1], scores, x.device, spec.stream)
+            self.call.selection[spec.stream] = index
+        return index
+
+    # -- the last block's output, reused by aggressive steps ----------------------------
+    def _store_output(self, run, output):
+        parts = _flatten(output)
+        run.layout["final"] = ([p is not None for p in parts], isinstance(output, (tuple, list)), type(output))
+        for j, part in enumerate(parts):
+            if part is not None:
+                run.put(self.last_block, f"final#{j}", part)
+        run.put_final(torch.zeros(len(run.plan.uuids)))   # marks the final state as cached
+
+    def _cached_output(self, run, device):
+        present, is_sequence, kind = run.layout["final"]
+        parts = [run.get(self.last_block, f"final#{j}", device).clone() if has else None for j, has in enumerate(present)]
+        return kind(parts) if is_sequence else parts[0]
+
+
+def _get(root, path: str):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _bind(method, *bound):
+    def patched(*args, **kwargs):
+        return method(*bound, *args, **kwargs)
+    return patched

@@ -1,0 +1,16 @@
+"""Wan 2.1 / 2.2 (text- and image-to-video, the 5B TI2V): WanAttentionBlock
+calls self_attn, cross_attn and ffn as submodules. Per-token timesteps (2.2
+TI2V's first frame) are applied by the block itself, so nothing falls back."""
+from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
+
+
+def _block_input(args, kwargs):
+    return args[0] if args else kwargs["x"]
+
+
+def adapter(diffusion_model, family):
+    return ModulewiseAdapter(diffusion_model, family, [BlockGroup("blocks", (
+        CachedModule("self_attn", REUSE),
+        CachedModule("cross_attn", SUBSET),
+        CachedModule("ffn", SUBSET),
+    ), _block_input)])
