@@ -2,7 +2,7 @@
 from dataclasses import dataclass
 
 SELECTORS = ("random", "v_norm", "k_norm", "similarity", "attention")
-MODES = ("duca", "toca", "fora")
+MODES = ("duca", "toca", "fora", "tokencache")
 CACHE_DEVICES = ("model_device", "cpu")
 # conservative-step attention: "reuse" the cached output (the research method), or
 # "query_subset": selected tokens recompute their queries and attend over all keys
@@ -24,6 +24,8 @@ class CacheConfig:
     aggressive_first: bool = True   # DuCa cycle order: full, aggressive, conservative, ...
     attention_queries: int = 64     # sampled queries for the attention selector
     attention_variant: str = "reuse"
+    i_steps: int = 4                # TokenCache: steps of full compute in the window (I-steps)
+    protected_last_blocks: int = 4  # TokenCache: the last K blocks always compute every token
 
     def __post_init__(self):
         problems = []
@@ -51,6 +53,10 @@ class CacheConfig:
             problems.append(f"attention_variant={self.attention_variant!r}: accepted {', '.join(ATTENTION_VARIANTS)}")
         if self.attention_queries < 1:
             problems.append(f"attention_queries={self.attention_queries!r}: accepted a whole number >= 1")
+        if not isinstance(self.i_steps, int) or self.i_steps < 1:
+            problems.append(f"i_steps={self.i_steps!r}: accepted a whole number >= 1")
+        if not isinstance(self.protected_last_blocks, int) or self.protected_last_blocks < 0:
+            problems.append(f"protected_last_blocks={self.protected_last_blocks!r}: accepted a whole number >= 0")
         if problems:
             raise ValueError("Invalid token cache settings: " + "; ".join(problems))
 

@@ -3,7 +3,7 @@ token selections and the work accounting. Framework-free: the ComfyUI side
 calls begin_forward/end_forward around each model evaluation and the family
 adapters call the block-level helpers."""
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
@@ -12,6 +12,7 @@ from .config import CacheConfig
 from .schedule import CacheSchedule, StepKind
 from .selectors import pick_tokens, random_scores
 from .stats import WorkStats
+from .tokencache import TokenPlanner, change_importance
 
 FINAL = ("final", "hidden")   # cache key of the model's last hidden state, reused by aggressive steps
 
@@ -26,10 +27,14 @@ class ForwardPlan:
 
 class CacheRun:
     def __init__(self, config: CacheConfig, sample_sigmas: Sequence[float], start_sigma: float,
-                 end_sigma: float, name: str = "DuCa"):
+                 end_sigma: float, name: str = "DuCa", planner: Optional[TokenPlanner] = None,
+                 step_importance: Optional[Callable[[float], float]] = None):
         self.config = config
         self.name = name
-        self.schedule = CacheSchedule(config, sample_sigmas, start_sigma, end_sigma)
+        self.planner = planner           # TokenCache: per-block token choice at P-steps
+        self.step_plans: dict = {}       # step -> indices per block, shared by every evaluation of the step
+        self.sigma = None
+        self.schedule = CacheSchedule(config, sample_sigmas, start_sigma, end_sigma, step_importance)
         self.store = CacheStore(torch.device("cpu") if config.cache_device == "cpu" else None)
         self.stats = WorkStats()
         self.plan: Optional[ForwardPlan] = None
@@ -47,6 +52,7 @@ class CacheRun:
             self.store.clear()
             self._signature = signature
         step = self.schedule.step_of(sigma)
+        self.sigma = sigma
         kind = self.schedule.kind(step)
         fill = kind is not StepKind.FULL or self.schedule.cache_needed_after(step)
         if kind is not StepKind.FULL and not self.store.has(uuids, FINAL):
@@ -98,11 +104,19 @@ class CacheRun:
             if self.has(block_id, staleness_key(stream)):
                 self.store.increment(self.plan.uuids, (block_id, staleness_key(stream)))
 
+    def computes_in_full(self, block_id: int) -> bool:
+        """TokenCache's protected last blocks compute every token at P-steps too."""
+        return self.planner is not None and self.planner.protected(block_id)
+
     def select(self, block_id: int, tokens: int, scores: Optional[torch.Tensor], device: torch.device,
-               stream: int = 0) -> torch.Tensor:
+               stream: int = 0, features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Indices of the tokens this block recomputes at this conservative step,
         with staleness updated. `scores` is None for the random selector.
-        `stream` tells apart the token streams of a two-stream block (image, text)."""
+        `stream` tells apart the token streams of a two-stream block (image, text).
+        With a TokenCache planner, the first block's input `features` [B, L, D]
+        decide every block's tokens for the step."""
+        if self.planner is not None:
+            return self._planned(block_id, features, device)
         staleness = self.get(block_id, staleness_key(stream), device)
         if scores is None:
             scores = random_scores(tokens, self.config.seed, self.plan.step, block_id + 1000 * stream).to(device)
@@ -114,6 +128,31 @@ class CacheRun:
         self.put(block_id, staleness_key(stream), staleness)
         self.last_selection[block_id if stream == 0 else (block_id, stream)] = index
         return index
+
+    def _planned(self, block_id: int, features: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+        step = self.plan.step
+        if step not in self.step_plans:
+            if features is None:
+                raise RuntimeError(f"{self.name}: TokenCache needs the first block's input to plan step {step}")
+            # one plan per step, from the first cond's rows, so batched and split CFG select alike
+            first = self.plan.uuids[:1]
+            rows = features.shape[0] // len(self.plan.uuids)
+            changes = [self.store.get(first, (b, "change"), device) if self.store.has(first, (b, "change")) else None
+                       for b in range(self.planner.n_blocks)]
+            self.step_plans = {step: self.planner.plan(features[:rows], self.sigma, changes, step)}
+        index = self.step_plans[step][block_id].to(device)
+        self.last_selection[block_id] = index
+        return index
+
+    def note_change(self, block_id: int, parts: Sequence[tuple]) -> None:
+        """Before a full step overwrites a block's cached outputs (name, fresh)
+        pairs, in token order: how much each token changed since the last
+        computed step, the training-free TokenCache score."""
+        if self.planner is None or not self.planner.uses_changes:
+            return
+        if all(self.has(block_id, name) for name, _ in parts):
+            change = torch.cat([change_importance(fresh, self.get(block_id, name, fresh.device)) for name, fresh in parts], dim=1)
+            self.put(block_id, "change", change)
 
 
 def staleness_key(stream: int) -> str:

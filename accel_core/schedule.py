@@ -5,9 +5,10 @@ model twice per step (heun, dpm_2), img2img with denoise < 1 and partial step
 ranges all map each evaluation to its place in the run's own sigma schedule.
 """
 import enum
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from .config import CacheConfig
+from .tokencache import place_i_steps
 
 
 class StepKind(enum.Enum):
@@ -40,11 +41,15 @@ class CacheSchedule:
     ones. Steps outside the window are full.
     """
 
-    def __init__(self, config: CacheConfig, sample_sigmas: Sequence[float], start_sigma: float, end_sigma: float):
+    def __init__(self, config: CacheConfig, sample_sigmas: Sequence[float], start_sigma: float, end_sigma: float,
+                 step_importance: Optional[Callable[[float], float]] = None):
         self.config = config
         self.sigmas = [float(s) for s in sample_sigmas]
         self.step_count = max(1, len(self.sigmas) - 1)
         in_window = [end_sigma <= self.sigmas[i] <= start_sigma for i in range(self.step_count)]
+        if config.mode == "tokencache":
+            self.kinds = self._tokencache_kinds(in_window, step_importance)
+            return
         self.kinds = []
         window_start = None
         for i in range(self.step_count):
@@ -55,6 +60,23 @@ class CacheSchedule:
             if window_start is None:
                 window_start = i
             self.kinds.append(self._kind_in_cycle((i - window_start) % config.cycle_length))
+
+    def _tokencache_kinds(self, in_window, step_importance):
+        """TokenCache: I-steps (full) placed by cumulative importance over the
+        window's steps (evenly without a calibration), P-steps (conservative)
+        everywhere else in the window."""
+        window = [i for i in range(self.step_count) if in_window[i]]
+        kinds = [StepKind.FULL] * self.step_count
+        if not window:
+            return kinds
+        if step_importance is None:
+            importance = [1.0] * len(window)
+        else:
+            importance = [step_importance(self.sigmas[i]) for i in window]
+        full = {window[k] for k in place_i_steps(importance, self.config.i_steps)}
+        for i in window:
+            kinds[i] = StepKind.FULL if i in full else StepKind.CONSERVATIVE
+        return kinds
 
     def _kind_in_cycle(self, position: int) -> StepKind:
         if position == 0:

@@ -33,10 +33,11 @@ from pack_loader import import_pack  # noqa: E402
 from skipped_steps import SkippedStepsLog  # noqa: E402
 from reference import codec, shapes  # noqa: E402
 from reference.classifier import accuracy, load_classifier  # noqa: E402
-from reference.model import MODEL_FILE, WEIGHTS, conditioning  # noqa: E402
+from reference.model import MODEL_FILE, PREDICTOR_FILE, WEIGHTS, conditioning  # noqa: E402
 
 pack = import_pack()
 from dit_token_cache.accel_core import metrics  # noqa: E402
+from dit_token_cache.accel_core.predictor_file import load_predictor  # noqa: E402
 CacheConfig = pack.accel_core.CacheConfig
 patcher = pack.nodes.patcher
 StepKind = pack.accel_core.StepKind
@@ -54,12 +55,25 @@ def ours(config):
     return lambda model: patcher.apply_token_cache(model, config)
 
 
+def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2):
+    """TokenCache with the shipped predictor ("learned"), or the training-free
+    fallback ("change"), or random scores ("random"), same schedule rules."""
+    config = CacheConfig(mode="tokencache", cache_ratio=cache_ratio, i_steps=i_steps,
+                         protected_last_blocks=protected_last_blocks)
+    if scoring == "learned":
+        predictor, metadata = load_predictor(str(PREDICTOR_FILE))
+        return lambda model: patcher.apply_token_cache(model, config, predictor=predictor,
+                                                       calibration=metadata["calibration"])
+    return lambda model: patcher.apply_token_cache(model, config, fallback=scoring)
+
+
 def methods_for(args) -> list:
     steps = args.steps
     plain = lambda model: model  # noqa: E731
     if args.quick:
         return [Method("uncached", "uncached", plain, steps),
-                Method("DuCa N=3 r=0.9", "DuCa", ours(CacheConfig(cycle_length=3)), steps)]
+                Method("DuCa N=3 r=0.9", "DuCa", ours(CacheConfig(cycle_length=3)), steps),
+                Method("TokenCache learned I=3 r=0.9", "TokenCache", tokencache("learned", i_steps=3), steps)]
     found = [Method("uncached", "uncached", plain, steps)]
     settings = [("DuCa", dict(cycle_length=n)) for n in (3, 5, 8)] + [("DuCa", dict(cycle_length=5, cache_ratio=0.7))]
     settings += [("ToCa", dict(cycle_length=n, mode="toca")) for n in (3, 5)] + [("ToCa", dict(cycle_length=5, cache_ratio=0.7, mode="toca"))]
@@ -74,6 +88,11 @@ def methods_for(args) -> list:
     found.append(Method("DuCa N=5 r=0.9 conservative-first", "DuCa order", ours(CacheConfig(cycle_length=5, aggressive_first=False)), steps))
     found.append(Method("DuCa N=5 r=0.9 query-subset attention", "DuCa attention variant",
                         ours(CacheConfig(cycle_length=5, attention_variant="query_subset")), steps))
+    for i_steps, ratio in ((6, 0.9), (4, 0.9), (3, 0.9), (4, 0.8)):
+        found.append(Method(f"TokenCache learned I={i_steps} r={ratio}", "TokenCache",
+                            tokencache("learned", ratio, i_steps), steps))
+    for scoring in ("change", "random"):
+        found.append(Method(f"TokenCache {scoring} I=4 r=0.9", "TokenCache scoring", tokencache(scoring), steps))
     for t in (0.1, 0.3):
         found.append(Method(f"EasyCache t={t}", "EasyCache", lambda m, t=t: EasyCacheNode.execute(m, t, 0.15, 0.95, False).result[0], steps))
     found.append(Method("LazyCache t=0.3", "LazyCache", lambda m: LazyCacheNode.execute(m, 0.3, 0.15, 0.95, False).result[0], steps))

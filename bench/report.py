@@ -10,9 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 GRID_METHODS = ("uncached", "DuCa N=3 r=0.9", "DuCa N=5 r=0.9", "ToCa N=5 r=0.9", "FORA N=5", "DuCa N=8 r=0.9",
-                "EasyCache t=0.3", "LazyCache t=0.3")
-FRONTS = ("DuCa", "ToCa", "FORA", "EasyCache", "LazyCache", "fewer steps", "DuCa selectors", "DuCa order",
-          "DuCa attention variant")
+                "TokenCache learned I=4 r=0.9", "EasyCache t=0.3", "LazyCache t=0.3")
+FRONTS = ("DuCa", "ToCa", "FORA", "TokenCache", "EasyCache", "LazyCache", "fewer steps", "DuCa selectors", "DuCa order",
+          "DuCa attention variant", "TokenCache scoring")
 
 
 def _fmt(value, digits=3):
@@ -153,6 +153,28 @@ def claim_attention_variant(rows):
             "(attention reused): quality per unit of work", "\n".join(lines), verdict)
 
 
+def claim_tokencache(rows):
+    named = _by_name(rows)
+    learned = named.get("TokenCache learned I=4 r=0.9")
+    change, random = named.get("TokenCache change I=4 r=0.9"), named.get("TokenCache random I=4 r=0.9")
+    if learned is None or change is None or random is None:
+        return None
+    lines = ["| TokenCache scoring (I=4, r=0.9, last 2 blocks protected) | theoretical | PSNR dB | SSIM | class acc | FD |",
+             "|---|---|---|---|---|---|"]
+    for name, r in (("learned predictor", learned), ("training-free fallback (output change)", change),
+                    ("random", random)):
+        lines.append(f"| {name} | {r['theoretical']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['acc_all']:.3f} | {r['fd']:.2f} |")
+    ranked = sorted((("learned", learned), ("fallback", change), ("random", random)), key=lambda kv: -kv[1]["psnr"])
+    front = _front(rows, "DuCa")
+    duca_at = _interpolate(front, learned["theoretical"])
+    against_duca = ("outside the measured DuCa front" if duca_at is None else
+                    f"DuCa's front gives {duca_at:.2f} dB at the same theoretical speedup")
+    return ("TokenCache: learned predictor vs training-free fallback vs random selection at equal cache ratio",
+            "\n".join(lines),
+            f"measured order by PSNR: {' > '.join(name for name, _ in ranked)}; the learned predictor reaches "
+            f"{learned['psnr']:.2f} dB at {learned['theoretical']:.2f}x, {against_duca}")
+
+
 def pareto_plot(rows, path: Path, title: str):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for family in FRONTS:
@@ -209,7 +231,7 @@ def write(rows, step_errors, outputs, labels, args):
              f"cfg {args.cfg}; wall clock: batch of {args.timing_batch}, median of {args.repeats}.\n",
              results_table(rows), ""]
     for claim in (claim_selectors(rows), claim_step_errors(step_errors), claim_equal_work(rows), claim_order(rows),
-                  claim_attention_variant(rows)):
+                  claim_attention_variant(rows), claim_tokencache(rows)):
         if claim is None:
             continue
         title, table, verdict = claim

@@ -11,6 +11,7 @@ import comfy.patcher_extension
 
 from ..accel_core.config import CacheConfig
 from ..accel_core.run import CacheRun
+from ..accel_core.tokencache import TokenPlanner, importance_curve
 from .families import adapter_for
 
 WRAPPER_KEY = "dit_token_cache"
@@ -22,26 +23,35 @@ class TokenCacheSettings:
     """What the node chose. A fresh CacheRun is made from it for every sampling
     run, so two KSamplers sharing one patched model never share state."""
 
-    def __init__(self, config: CacheConfig, name: str, node_id=None):
+    def __init__(self, config: CacheConfig, name: str, node_id=None, planner_args=None, calibration=None):
         self.config = config
         self.name = name
         self.node_id = node_id
+        self.planner_args = planner_args   # TokenCache: (block count, predictor or None, fallback scoring)
+        self.calibration = calibration     # TokenCache: predicted importance by sigma, for the I-steps
         self.last_run = None   # the latest finished run, for its statistics
         self.active_run = None  # the run under way, for patches that get no transformer_options
 
     def new_run(self, model_sampling, sample_sigmas) -> CacheRun:
         start_sigma = float(model_sampling.percent_to_sigma(self.config.start_percent))
         end_sigma = float(model_sampling.percent_to_sigma(self.config.end_percent))
-        return CacheRun(self.config, [float(s) for s in sample_sigmas], start_sigma, end_sigma, name=self.name)
+        planner = None
+        if self.planner_args is not None:
+            blocks, predictor, fallback = self.planner_args
+            planner = TokenPlanner(blocks, self.config.cache_ratio, self.config.protected_last_blocks, predictor,
+                                   self.config.seed, fallback)
+        importance = importance_curve(self.calibration) if self.calibration else None
+        return CacheRun(self.config, [float(s) for s in sample_sigmas], start_sigma, end_sigma, name=self.name,
+                        planner=planner, step_importance=importance)
 
 
-def _show_on_node(settings: TokenCacheSettings, text: str) -> None:
-    if settings.node_id is None:
+def show_on_node(node_id, text: str) -> None:
+    if node_id is None:
         return
     try:
         from server import PromptServer
         if PromptServer.instance is not None:
-            PromptServer.instance.send_progress_text(text, settings.node_id)
+            PromptServer.instance.send_progress_text(text, node_id)
     except (ImportError, AttributeError):
         pass   # ComfyUI used as a library: no server to show it on
 
@@ -62,7 +72,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         settings.active_run = None
         summary = run.stats.summary(settings.name)
         logging.info(summary)
-        _show_on_node(settings, summary)
+        show_on_node(settings.node_id, summary)
         run.close()
         settings.last_run = run
         guider.model_options = original_options
@@ -108,9 +118,19 @@ class PatchHooks:
         return self._settings.active_run
 
 
-def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=None):
-    """A patched clone of `model`; the input model is left as it was."""
+def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=None, predictor=None, calibration=None,
+                      fallback="change"):
+    """A patched clone of `model`; the input model is left as it was. TokenCache
+    (config.mode "tokencache") takes an optional learned predictor and its
+    calibration; without one, tokens are scored by their change ("change") or
+    at random ("random", a baseline for comparisons)."""
     adapter = adapter_for(model)
+    planner_args = None
+    if config.mode == "tokencache":
+        if not adapter.tokencache:
+            raise ValueError(f"TokenCache supports the Flux family (Flux, Chroma, HunyuanVideo) so far, not "
+                             f"{adapter.family}; use DuCa Cache for {adapter.family} models")
+        planner_args = (adapter.block_count, predictor, fallback)
     if config.selector not in adapter.selectors:
         raise ValueError(f"selector={config.selector!r} is not available for {adapter.family} models "
                          f"(it needs the attention's keys and values); accepted: {', '.join(adapter.selectors)}")
@@ -118,7 +138,7 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
         raise ValueError(f"attention_variant={config.attention_variant!r} is not available for {adapter.family} "
                          f"models; accepted: {', '.join(adapter.attention_variants)}")
     patched = model.clone()
-    settings = TokenCacheSettings(config, name, node_id)
+    settings = TokenCacheSettings(config, name, node_id, planner_args, calibration)
     patched.model_options["transformer_options"][SETTINGS_KEY] = settings
     adapter.install(patched, PatchHooks(patched, settings))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)

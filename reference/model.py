@@ -13,6 +13,8 @@ from .shapes import ATTRIBUTES
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODEL_FILE = WEIGHTS / "shapes_dit.safetensors"
 LABELS_FILE = WEIGHTS / "labels.safetensors"
+PREDICTOR_DIR = WEIGHTS / "token_cache"     # the TokenCache predictor trained for the reference model
+PREDICTOR_FILE = PREDICTOR_DIR / "shapes_reference_predictor.safetensors"
 ANY = "any"   # an attribute left unspecified
 
 

@@ -4,7 +4,7 @@
         entry, log = server.run(api_prompt)
 
 It runs `main.py --cpu` from the ComfyUI tree on a free loopback port; its models, input,
-output, temp and user folders are under `base_dir` (the listed model files are copied
+output, temp, user and datasets folders are under `base_dir` (the listed model files are copied
 there), its log goes to `base_dir/server.log`, and it is always stopped by its own pid.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ class ComfyServer:
         self.proc = proc
         self.log_path = log_path
         self.output_dir = output_dir
+        self.models_dir = output_dir.parent / "models"
         self.started_in = None  # seconds from launch to ready, set by wait_ready()
 
     def log(self) -> str:
@@ -172,8 +173,11 @@ def start_server(base_dir, models=None, comfyui=None, python=sys.executable, tim
         target = base / "models" / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-    for sub in ("models", "output", "input", "temp", "user"):
+    for sub in ("models", "output", "input", "temp", "user", "datasets"):
         (base / sub).mkdir(parents=True, exist_ok=True)
+    # no command-line flag moves the datasets folder (LoadTrainingDataset) out of the ComfyUI tree
+    paths_file = base / "extra_model_paths.yaml"
+    paths_file.write_text(f"dtc_test:\n  datasets: {base / 'datasets'}\n")
     port = free_port()
     log_path = base / "server.log"
     command = [
@@ -181,7 +185,7 @@ def start_server(base_dir, models=None, comfyui=None, python=sys.executable, tim
         "--models-directory", str(base / "models"), "--output-directory", str(base / "output"),
         "--input-directory", str(base / "input"), "--temp-directory", str(base / "temp"),
         "--user-directory", str(base / "user"), "--database-url", "sqlite:///:memory:",
-        "--disable-auto-launch",
+        "--extra-model-paths-config", str(paths_file), "--disable-auto-launch",
     ]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command, cwd=comfyui, stdin=subprocess.DEVNULL, stdout=log_file,

@@ -13,7 +13,7 @@ Fixed seed, fixed number of steps: rerunning gives the same weights on the
 same machine. Writes reference/weights/: the model (safetensors, fp16),
 the label encoder, config.json and the training curve (CSV and PNG).
 
-    python scripts/train_reference.py                 # the shipped model (about 40 min on 2 cores)
+    python scripts/train_reference.py                 # the shipped model (55 min on 2 shared cores)
     python scripts/train_reference.py --steps 50 --out /tmp/ref   # a smoke run
 """
 import argparse
@@ -117,7 +117,7 @@ def plot_curve(rows, path: Path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2800)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)

@@ -37,6 +37,8 @@ class CachedModule:
     role: str               # REUSE or SUBSET
     stream: int = 0         # token stream whose selection it follows (0 image, 1 text)
     input_name: str = ""    # keyword the block passes the token input by, when not positional
+    context_linears: tuple = ()  # linear children run on another input (cross-attention K/V of text or image), not per token
+    work_of: str = ""       # module whose linear layers count as this one's work, when it stands for more (SD3: attn.proj for attn)
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,10 @@ class BlockGroup:
     passthrough: Callable[[tuple, dict], Any]   # what a block returns when skipped: its input, in its output structure
 
 
-def _linear_flops(module) -> int:
-    """Two FLOPs per weight of every linear layer, per token."""
-    return 2 * sum(p.numel() for n, p in module.named_parameters() if n.endswith("weight") and p.ndim == 2)
+def _linear_flops(module, context_linears=()) -> int:
+    """Two FLOPs per weight of every linear layer that runs on the module's tokens, per token."""
+    return 2 * sum(p.numel() for n, p in module.named_parameters()
+                   if n.endswith("weight") and p.ndim == 2 and n.split(".")[0] not in context_linears)
 
 
 def _tokens_in(value) -> int:
@@ -80,6 +83,7 @@ class ModulewiseAdapter:
 
     selectors = SELECTORS
     attention_variants = ("reuse",)
+    tokencache = False
 
     def __init__(self, diffusion_model, family: str, groups: Sequence[BlockGroup]):
         self.family = family
@@ -100,7 +104,7 @@ class ModulewiseAdapter:
             for spec in group.modules:
                 module_path = f"{path}.{spec.path}.forward"
                 forward = model_patcher.get_model_object(module_path)
-                flops = _linear_flops(_get(block, spec.path))
+                flops = _linear_flops(_get(block, spec.work_of or spec.path), spec.context_linears)
                 model_patcher.add_object_patch(module_path, _bind(self._module, current_run, block_id, spec, forward, flops))
 
     # -- block ------------------------------------------------------------------

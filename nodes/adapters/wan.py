@@ -3,6 +3,9 @@ calls self_attn, cross_attn and ffn as submodules. Per-token timesteps (2.2
 TI2V's first frame) are applied by the block itself, so nothing falls back."""
 from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
 
+# keys and values of the text (and, for i2v, the CLIP image) context, not of the video tokens
+_CONTEXT_LINEARS = ("k", "v", "k_img", "v_img")
+
 
 def _block_input(args, kwargs):
     return args[0] if args else kwargs["x"]
@@ -11,6 +14,6 @@ def _block_input(args, kwargs):
 def adapter(diffusion_model, family):
     return ModulewiseAdapter(diffusion_model, family, [BlockGroup("blocks", (
         CachedModule("self_attn", REUSE),
-        CachedModule("cross_attn", SUBSET),
+        CachedModule("cross_attn", SUBSET, context_linears=_CONTEXT_LINEARS),
         CachedModule("ffn", SUBSET),
     ), _block_input)])

@@ -1,0 +1,160 @@
+"""TokenCache predictor files: safetensors weights plus the metadata that says
+what the predictor was trained for. Never pickle: a predictor file may come
+from anywhere, and safetensors cannot run code when loaded.
+
+Every metadata value is stored JSON-encoded (safetensors metadata is str -> str),
+strings included, so that each value reads back with its own type.
+"""
+import json
+import os
+import struct
+import tempfile
+from typing import Optional, Tuple
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .tokencache import CachePredictor
+
+FORMAT = "tokencache-predictor"
+FORMAT_VERSION = 1
+# what the caller must describe; "format", "format_version" and "predictor"
+# (the constructor config) are written by save_predictor itself
+METADATA_KEYS = ("family", "hidden_size", "blocks", "block_counts", "token_layout", "training", "calibration")
+_MAX_HEADER = 100 * 2**20   # the safetensors format's own header limit
+
+
+class PredictorFileError(ValueError):
+    """A predictor file that cannot be used: unreadable, not a predictor, or made for another model."""
+
+
+def save_predictor(path: str, predictor: CachePredictor, metadata: dict) -> None:
+    """Write weights and metadata atomically: a temp file in the same folder,
+    then os.replace, so an interrupted save never leaves a half file at `path`."""
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    if missing:
+        raise ValueError(f"save_predictor: metadata lacks {', '.join(missing)}; "
+                         f"expected keys {', '.join(METADATA_KEYS)}")
+    config = predictor.config()
+    for key, config_key in (("hidden_size", "hidden_size"), ("blocks", "n_blocks")):
+        if metadata[key] != config[config_key]:
+            raise ValueError(f"save_predictor: metadata {key}={metadata[key]!r} but the predictor has "
+                             f"{config_key}={config[config_key]!r}")
+    fields = {**metadata, "format": FORMAT, "format_version": FORMAT_VERSION, "predictor": config}
+    encoded = {}
+    for key, value in fields.items():
+        try:
+            encoded[str(key)] = json.dumps(value, sort_keys=True)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"save_predictor: metadata {key!r} is not JSON-serialisable ({error})") from None
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in predictor.state_dict().items()}
+    data = safetensors.torch.save(tensors, metadata=encoded)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def _read_header(path: str) -> dict:
+    """The safetensors JSON header, after checking the file is whole."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise PredictorFileError(f"{name}: no such file (expected a TokenCache predictor .safetensors file)")
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        start = handle.read(8)
+        if len(start) < 8:
+            raise PredictorFileError(f"{name}: {size} bytes, too short to be a safetensors file "
+                                     "(expected a TokenCache predictor .safetensors file)")
+        (length,) = struct.unpack("<Q", start)
+        if length > _MAX_HEADER or 8 + length > size:
+            raise PredictorFileError(f"{name}: not a safetensors file, or truncated (its first 8 bytes announce "
+                                     f"a {length}-byte header in a {size}-byte file; expected a TokenCache "
+                                     "predictor .safetensors file)")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        raise PredictorFileError(f"{name}: not a safetensors file (its header is not JSON; expected a "
+                                 "TokenCache predictor .safetensors file)")
+    try:
+        expected = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                       default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise PredictorFileError(f"{name}: not a safetensors file (its header does not describe tensors; "
+                                 "expected a TokenCache predictor .safetensors file)") from None
+    if size - 8 - length != expected:
+        raise PredictorFileError(f"{name}: truncated or damaged: its data section holds {size - 8 - length} bytes "
+                                 f"where the header describes {expected}; save or copy the file again")
+    return header
+
+
+def _decode_metadata(name: str, header: dict) -> dict:
+    raw = header.get("__metadata__") or {}
+    if "format" not in raw:
+        raise PredictorFileError(f"{name}: a safetensors file but not a TokenCache predictor (no 'format' entry "
+                                 f"in its metadata; expected format {FORMAT!r}). Is it a model or LoRA file?")
+    metadata = {}
+    for key, value in raw.items():
+        try:
+            metadata[key] = json.loads(value)
+        except ValueError:
+            raise PredictorFileError(f"{name}: metadata {key!r} is not JSON ({value[:60]!r}); "
+                                     "expected a file written by save_predictor") from None
+    if metadata["format"] != FORMAT:
+        raise PredictorFileError(f"{name}: format {metadata['format']!r}, expected {FORMAT!r}")
+    version = metadata.get("format_version")
+    if version is None:
+        raise PredictorFileError(f"{name}: no format_version in its metadata; expected format_version {FORMAT_VERSION}")
+    if version != FORMAT_VERSION:
+        raise PredictorFileError(f"{name}: format_version {version!r}, this version of the pack reads "
+                                 f"format_version {FORMAT_VERSION}; retrain or convert the predictor")
+    missing = [key for key in METADATA_KEYS + ("predictor",) if key not in metadata]
+    if missing:
+        raise PredictorFileError(f"{name}: metadata lacks {', '.join(missing)}; a predictor file holds "
+                                 f"{', '.join(METADATA_KEYS + ('predictor',))}")
+    return metadata
+
+
+def _describe(values: dict, keys) -> str:
+    return ", ".join(f"{key}={values.get(key, '(not recorded)')!r}" for key in keys)
+
+
+def load_predictor(path: str, expect: Optional[dict] = None) -> Tuple[CachePredictor, dict]:
+    """(predictor on the CPU, metadata). `expect` (e.g. {"family": "Flux",
+    "hidden_size": 3072, "blocks": 57}) describes the model it will run on; a
+    file trained for anything else is refused, naming both."""
+    name = os.path.basename(path)
+    metadata = _decode_metadata(name, _read_header(path))
+    expect = expect or {}
+    wrong = [key for key, value in expect.items() if metadata.get(key) != value]
+    if wrong:
+        keys = list(expect)
+        raise PredictorFileError(f"{name}: trained for {_describe(metadata, keys)}, but this model is "
+                                 f"{_describe(expect, keys)}; train a predictor for this model")
+    config = metadata["predictor"]
+    if not isinstance(config, dict) or config.get("hidden_size") != metadata["hidden_size"] \
+            or config.get("n_blocks") != metadata["blocks"]:
+        raise PredictorFileError(f"{name}: predictor settings {config!r} disagree with hidden_size="
+                                 f"{metadata['hidden_size']!r}, blocks={metadata['blocks']!r}")
+    try:
+        tensors = safetensors.torch.load_file(path, device="cpu")
+        # built on the meta device so loading neither draws from the global RNG
+        # nor spends time on an initialisation the file overwrites
+        with torch.device("meta"):
+            predictor = CachePredictor(**config)
+        predictor.load_state_dict(tensors, strict=True, assign=True)
+    except (RuntimeError, TypeError, ValueError, OSError, safetensors.SafetensorError) as error:
+        raise PredictorFileError(f"{name}: its weights do not fit the predictor it describes ({config!r}): "
+                                 f"{error}") from None
+    return predictor.eval(), metadata

@@ -1,0 +1,253 @@
+"""TokenCache (arXiv 2409.18523): a learned predictor of which (block, token)
+pairs must recompute, its training objective, the block-level token allocation
+and the I-step placement (Two-Phase Round-Robin).
+
+Vocabulary: a score a = 1 means "recompute this token in this block", a = 0
+"reuse its cached block output from the previous computed step". The paper
+gives no public code; the predictor here is a small MLP-mixer instead of the
+paper's DiT block initialised from the model's first block, so it is cheap and
+independent of the model family.
+"""
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .selectors import random_scores
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """DiT-style sinusoidal embedding of t [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class CachePredictor(nn.Module):
+    """Scores in [0, 1] for every (block, token): how much the token needs recomputing.
+
+    Input: the hidden tokens entering the first transformer block, x [B, L, D],
+    and the sigma or timestep t [B]; output [B, n_blocks, L].
+    t is multiplied by `time_scale` before the sinusoidal embedding: 1000 suits
+    sigmas in [0, 1] (flow models), 1 suits timesteps in [0, 1000].
+    No positional embedding and only a mean-token mix, so one predictor serves
+    any token count (resolution).
+    """
+
+    def __init__(self, hidden_size: int, n_blocks: int, width: int = 64, time_scale: float = 1000.0):
+        super().__init__()
+        if hidden_size < 1 or n_blocks < 1 or width < 2:
+            raise ValueError(f"CachePredictor(hidden_size={hidden_size}, n_blocks={n_blocks}, width={width}): "
+                             "expected hidden_size >= 1, n_blocks >= 1, width >= 2")
+        self.hidden_size = hidden_size
+        self.n_blocks = n_blocks
+        self.width = width
+        self.time_scale = float(time_scale)
+        self.in_norm = nn.LayerNorm(hidden_size)
+        self.in_proj = nn.Linear(hidden_size, width)
+        self.time_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.token_norm = nn.LayerNorm(width)
+        self.token_mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.mix_norm = nn.LayerNorm(width)
+        self.mix_self = nn.Linear(width, width)
+        self.mix_mean = nn.Linear(width, width, bias=False)
+        self.head_norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, n_blocks)
+        # sigmoid(0) = 0.5 and small head weights: training starts undecided
+        # between reuse and recompute instead of saturated on one side
+        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():
+            self.head.weight.mul_(0.1)
+
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden_size, "n_blocks": self.n_blocks, "width": self.width,
+                "time_scale": self.time_scale}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"CachePredictor expects tokens [B, L, {self.hidden_size}], got {tuple(x.shape)}")
+        dtype = self.in_proj.weight.dtype
+        t = t.reshape(-1).to(x.device)
+        if t.numel() == 1:
+            t = t.expand(x.shape[0])   # one sigma for the whole batch
+        h = self.in_proj(self.in_norm(x.to(dtype)))
+        temb = timestep_embedding(t * self.time_scale, self.width).to(dtype)
+        h = h + self.time_mlp(temb)[:, None, :]
+        h = h + self.token_mlp(self.token_norm(h))
+        n = self.mix_norm(h)
+        h = h + self.mix_self(n) + self.mix_mean(n.mean(dim=1, keepdim=True))
+        return torch.sigmoid(self.head(self.head_norm(h))).transpose(1, 2)
+
+
+def soft_reuse_loss(scores: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor,
+                    cost_weight: float) -> Tuple[torch.Tensor, dict]:
+    """TokenCache objective with teacher-forced block outputs.
+
+    scores a [B, n_blocks, L] (1 = recompute); fresh / cached [B, n_blocks, L, D]:
+    each block's residual contribution f_l(x) at this step, and the one reused
+    from the previous computed step. The soft run adds a * fresh + (1 - a) * cached
+    in every block, so x_L(soft) - x_L(full) = sum_l (1 - a_l) (cached_l - fresh_l).
+    First-order: every block sees the full run's input (teacher forcing), so an
+    error made in one block is not propagated through the later blocks.
+
+    error = mean ||x_L(soft) - x_L(full)||^2 / mean ||sum_l fresh_l||^2 (the
+    normalisation makes cost_weight independent of the model's feature scale);
+    cost = mean(a). Returns (error + cost_weight * cost, {"error", "cost"} detached).
+    """
+    if scores.ndim != 3 or fresh.shape != cached.shape or fresh.shape[:3] != scores.shape:
+        raise ValueError(f"soft_reuse_loss: expected scores [B, n_blocks, L] and fresh/cached [B, n_blocks, L, D] "
+                         f"with matching leading sizes, got {tuple(scores.shape)}, {tuple(fresh.shape)}, "
+                         f"{tuple(cached.shape)}")
+    delta = cached - fresh
+    # einsum in the features' dtype: a float copy of [B, n_blocks, L, D] would
+    # double training memory on large models; the sum over blocks accumulates in fp32
+    difference = torch.einsum("bnl,bnld->bld", (1.0 - scores).to(delta.dtype), delta).float()
+    with torch.no_grad():
+        scale = fresh.sum(dim=1).float().pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+    error = difference.pow(2).sum(dim=-1).mean() / scale
+    cost = scores.float().mean()
+    return error + cost_weight * cost, {"error": error.detach(), "cost": cost.detach()}
+
+
+def allocate_tokens(scores: torch.Tensor, cache_ratio: float,
+                    protected_last_blocks: int) -> Tuple[List[torch.Tensor], List[float]]:
+    """Block-level allocation under one global cache ratio.
+
+    scores [n_blocks, L] (already averaged over the batch). Over the cacheable
+    blocks (all but the last K), the round((1 - r) * L * n_cacheable) highest
+    scores are marked "update"; a block's indices are its marked tokens, sorted.
+    The last K blocks recompute every token. Equal scores go to the earlier
+    block, then the earlier token, so the allocation is reproducible.
+
+    Returns (indices per block, share of each block's tokens recomputed).
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"allocate_tokens expects scores [n_blocks, L], got {tuple(scores.shape)}")
+    if not 0.0 <= cache_ratio <= 1.0:
+        raise ValueError(f"cache_ratio={cache_ratio!r}: accepted 0.0 to 1.0 (share of tokens that reuse the cache)")
+    if protected_last_blocks < 0:
+        raise ValueError(f"protected_last_blocks={protected_last_blocks!r}: accepted a whole number >= 0")
+    n_blocks, tokens = scores.shape
+    cacheable = max(0, n_blocks - protected_last_blocks)
+    budget = round((1.0 - cache_ratio) * tokens * cacheable)
+    marked = torch.zeros(cacheable * tokens, dtype=torch.bool, device=scores.device)
+    if budget:
+        order = torch.sort(scores[:cacheable].reshape(-1).float(), descending=True, stable=True).indices
+        marked[order[:budget]] = True
+    marked = marked.reshape(cacheable, tokens)
+    indices = [marked[b].nonzero().flatten() for b in range(cacheable)]
+    indices += [torch.arange(tokens, device=scores.device) for _ in range(cacheable, n_blocks)]
+    return indices, [len(index) / tokens if tokens else 1.0 for index in indices]
+
+
+def place_i_steps(importance: Sequence[float], count: int) -> List[int]:
+    """Steps that run full compute (I-steps), Two-Phase Round-Robin phase 2.
+
+    importance [S] (>= 0, per sampling step, measured in the calibration phase,
+    e.g. mean predicted score). Step 0 is always an I-step; the k-th other one
+    is the first step where the importance accumulated before it reaches
+    k / count of the total, so I-steps crowd where importance is high. Indices
+    are made distinct by pushing a collision to the next free step. count is
+    clipped to [1, S]; all-zero importance counts as uniform.
+    """
+    values = torch.as_tensor(importance, dtype=torch.float64).flatten()
+    steps = values.numel()
+    if steps == 0:
+        raise ValueError("place_i_steps: importance is empty, expected one value per sampling step")
+    if not torch.isfinite(values).all() or (values < 0).any():
+        raise ValueError("place_i_steps: importance must be finite and >= 0 for every step")
+    count = min(max(int(count), 1), steps)
+    if values.sum() <= 0:
+        values = torch.ones_like(values)
+    before = torch.cat([values.new_zeros(1), values.cumsum(0)[:-1]]) / values.sum()
+    chosen = [0]
+    for k in range(1, count):
+        # the tolerance keeps k / count from being missed by a rounding error in the cumsum
+        crossed = (before >= k / count - 1e-9).nonzero()
+        candidate = int(crossed[0]) if len(crossed) else steps - 1
+        # distinct, and leave room for the I-steps still to place
+        chosen.append(min(max(candidate, chosen[-1] + 1), steps - count + k))
+    return chosen
+
+
+def change_importance(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Training-free score [B, L]: relative L2 change of each token's block
+    output between the last two computed steps, ||current - previous|| / ||previous||."""
+    if current.shape != previous.shape or current.ndim != 3:
+        raise ValueError(f"change_importance expects two [B, L, D] tensors of one shape, got "
+                         f"{tuple(current.shape)} and {tuple(previous.shape)}")
+    previous = previous.float()
+    return (current.float() - previous).norm(dim=-1) / previous.norm(dim=-1).clamp_min(1e-6)
+
+
+def importance_curve(calibration: dict) -> Callable[[float], float]:
+    """Predicted importance as a function of sigma, from a calibration
+    {"sigmas": [...], "importance": [...]}: linear between the measured sigmas,
+    so I-steps can be placed for any step count or scheduler of the same model."""
+    sigmas = torch.tensor(calibration["sigmas"], dtype=torch.float64)
+    values = torch.tensor(calibration["importance"], dtype=torch.float64)
+    order = torch.argsort(sigmas)
+    sigmas, values = sigmas[order], values[order]
+
+    def at(sigma: float) -> float:
+        if sigma <= sigmas[0]:
+            return float(values[0])
+        if sigma >= sigmas[-1]:
+            return float(values[-1])
+        right = int(torch.searchsorted(sigmas, torch.tensor([sigma], dtype=torch.float64))[0])
+        left = right - 1
+        weight = (sigma - sigmas[left]) / (sigmas[right] - sigmas[left])
+        return float(values[left] + weight * (values[right] - values[left]))
+    return at
+
+
+class TokenPlanner:
+    """Which tokens every block recomputes at a TokenCache P-step: the top
+    scores over all cacheable blocks (block-level allocation), scored by the
+    learned predictor from the tokens entering the first block, or without one
+    by how much each token's block output changed between the last two
+    computed steps (random until two steps were computed). fallback="random"
+    scores at random, the baseline both are measured against."""
+
+    def __init__(self, n_blocks: int, cache_ratio: float, protected_last_blocks: int,
+                 predictor: Optional[CachePredictor] = None, seed: int = 0, fallback: str = "change"):
+        if predictor is not None and predictor.n_blocks != n_blocks:
+            raise ValueError(f"the predictor scores {predictor.n_blocks} blocks, the model has {n_blocks}")
+        if fallback not in ("change", "random"):
+            raise ValueError(f"fallback={fallback!r}: accepted change, random")
+        self.n_blocks = n_blocks
+        self.cache_ratio = cache_ratio
+        self.protected_last_blocks = protected_last_blocks
+        self.predictor = predictor
+        self.seed = seed
+        self.fallback = fallback
+
+    @property
+    def uses_changes(self) -> bool:
+        return self.predictor is None and self.fallback == "change"
+
+    def protected(self, block_id: int) -> bool:
+        return block_id >= self.n_blocks - self.protected_last_blocks
+
+    def scores(self, features: torch.Tensor, sigma: float, changes: Sequence[Optional[torch.Tensor]],
+               step: int) -> torch.Tensor:
+        """[n_blocks, L]: features [B, L, D] entering the first block; changes
+        per block [B, L] or None."""
+        tokens = features.shape[1]
+        if self.predictor is not None:
+            predictor = self.predictor.to(features.device)
+            with torch.no_grad():
+                return predictor(features.float(), torch.tensor([sigma], device=features.device)).mean(dim=0)
+        rows = [change.float().mean(dim=0) if change is not None and self.uses_changes
+                else random_scores(tokens, self.seed, step, block_id).to(features.device)
+                for block_id, change in enumerate(changes)]
+        return torch.stack(rows)
+
+    def plan(self, features, sigma, changes, step) -> List[torch.Tensor]:
+        return allocate_tokens(self.scores(features, sigma, changes, step), self.cache_ratio,
+                               self.protected_last_blocks)[0]

@@ -1,0 +1,154 @@
+"""TokenCache nodes: use a learned cache predictor (or the training-free
+fallback), and train one on your own model inside ComfyUI."""
+import logging
+import os
+
+import folder_paths
+from comfy_api.v0_0_2 import io
+
+import comfy.samplers
+import comfy.utils
+
+from ..accel_core.config import CacheConfig
+from ..accel_core.predictor_file import PredictorFileError, load_predictor, save_predictor
+from ..reference.model import PREDICTOR_DIR
+from .patcher import apply_token_cache, show_on_node
+from .predictor_training import TrainingSettings, predictor_expectations, train_predictor
+
+CATEGORY = "sampling/token_cache"
+FOLDER = "token_cache"
+NO_PREDICTOR = "none"
+
+if FOLDER not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
+# the predictor shipped for the demo reference model is listed too; new ones go to models/token_cache
+folder_paths.add_model_folder_path(FOLDER, str(PREDICTOR_DIR), is_default=False)
+
+
+def predictor_files() -> list:
+    return folder_paths.get_filename_list(FOLDER)
+
+
+def load_for_model(model, name: str):
+    """(predictor, calibration) from models/token_cache/<name>, checked against `model`."""
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None:
+        raise ValueError(f"TokenCache predictor {name!r} not found in {folder_paths.get_folder_paths(FOLDER)}; "
+                         f"available: {', '.join(predictor_files()) or 'none'}")
+    try:
+        predictor, metadata = load_predictor(path, expect=predictor_expectations(model))
+    except PredictorFileError as error:
+        raise ValueError(f"TokenCache predictor {name!r} cannot drive this model: {error}") from None
+    return predictor, metadata.get("calibration")
+
+
+class TokenCacheNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TokenCache",
+            display_name="TokenCache",
+            category=CATEGORY,
+            description=("TokenCache: a learned predictor scores which tokens of which blocks must be recomputed; "
+                         "full-compute I-steps go where the predicted importance accumulates, every other step "
+                         "recomputes only the chosen tokens. Without a predictor, tokens whose block outputs "
+                         "changed most between the last two computed steps are recomputed. Flux family."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion transformer to accelerate. The input model is not changed."),
+                io.Combo.Input("predictor", options=[NO_PREDICTOR, *predictor_files()], default=NO_PREDICTOR,
+                               tooltip="A predictor trained for this model (models/token_cache), or none for the "
+                                       "training-free fallback."),
+                io.Float.Input("cache_ratio", default=0.9, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of (block, token) pairs that reuse the cache at a P-step, over all "
+                                       "blocks but the protected last ones."),
+                io.Int.Input("i_steps", default=4, min=1, max=1000,
+                             tooltip="Steps of full compute inside the window (step 0 of the window is always one)."),
+                io.Int.Input("protected_last_blocks", default=4, min=0, max=1000,
+                             tooltip="The last K blocks always compute every token."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Caching starts at this point of the sampling schedule; earlier steps compute in full."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Caching ends at this point of the sampling schedule; later steps compute in full."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with TokenCache.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, predictor, cache_ratio, i_steps, protected_last_blocks, start_percent,
+                end_percent) -> io.NodeOutput:
+        config = CacheConfig(mode="tokencache", cache_ratio=cache_ratio, i_steps=i_steps,
+                             protected_last_blocks=protected_last_blocks, start_percent=start_percent,
+                             end_percent=end_percent)
+        learned, calibration = (None, None) if predictor == NO_PREDICTOR else load_for_model(model, predictor)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        name = "TokenCache[learned]" if learned is not None else "TokenCache[fallback]"
+        return io.NodeOutput(apply_token_cache(model, config, name=name, node_id=node_id, predictor=learned,
+                                               calibration=calibration))
+
+
+class TokenCacheTrainPredictorNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TokenCacheTrainPredictor",
+            display_name="TokenCache Train Predictor",
+            category=CATEGORY,
+            description=("Trains a TokenCache predictor on your model, prompts and sampler (the model stays frozen) "
+                         "and writes it to models/token_cache/<filename>.safetensors. Cancel stops it and writes nothing."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the predictor is for (Flux family), without other caching."),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image", tooltip="Latents to sample from: their size and batch are the training data."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=io.ControlAfterGenerate.fixed,
+                             tooltip="Noise seed of the first trajectory (each next one adds 1) and of the predictor's init."),
+                io.Int.Input("steps", default=20, min=2, max=1000),
+                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS),
+                io.Int.Input("iterations", default=200, min=1, max=100000,
+                             tooltip="Optimiser steps; a new sampling trajectory is recorded whenever the last one is used up."),
+                io.Float.Input("learning_rate", default=0.001, min=1e-6, max=1.0, step=0.0001),
+                io.Float.Input("cost_weight", default=0.05, min=0.0, max=10.0, step=0.001,
+                               tooltip="lambda: price of recomputing a token; higher gives sparser scores."),
+                io.String.Input("filename", default="my_model_predictor",
+                                tooltip="Written as models/token_cache/<filename>.safetensors."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the predictor was written.")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, filename, **kwargs):
+        name = (filename or "").strip()
+        if not name or name != os.path.basename(name) or name.startswith("."):
+            return f"filename {filename!r}: give a plain file name (no folders), e.g. flux_dev_predictor"
+        return True
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, iterations,
+                learning_rate, cost_weight, filename) -> io.NodeOutput:
+        settings = TrainingSettings(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                                    iterations=iterations, learning_rate=learning_rate, cost_weight=cost_weight)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        bar = comfy.utils.ProgressBar(iterations)
+
+        def progress(done, total, loss):
+            bar.update_absolute(done, total)
+            if done == total or done % max(1, total // 20) == 0:
+                text = f"TokenCache training: iteration {done}/{total}, loss {loss:.4f}"
+                logging.info(text)
+                show_on_node(node_id, text)
+
+        predictor, metadata = train_predictor(model, positive, negative, latent_image, settings, progress)
+        name = filename.strip()
+        name = name if name.endswith(".safetensors") else name + ".safetensors"
+        path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_predictor(path, predictor, metadata)
+        return io.NodeOutput(path)
+
+
+TOKENCACHE_NODES = [TokenCacheNode, TokenCacheTrainPredictorNode]

@@ -1,0 +1,191 @@
+"""TokenCache on a tiny Flux through ComfyUI's real sampling path: training
+lowers the loss, the predictor file round-trips and is checked against the
+model, the learned plan differs from the training-free fallback and does the
+work its ratio asks for, bad files are refused, and the run lifecycle holds
+(CFG batched/split, determinism, cancel)."""
+import json
+import os
+
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import tiny_models
+
+from dit_token_cache.accel_core.config import CacheConfig
+from dit_token_cache.accel_core.predictor_file import load_predictor
+from dit_token_cache.accel_core.schedule import StepKind
+from dit_token_cache.accel_core.tokencache import importance_curve, place_i_steps
+from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
+from dit_token_cache.nodes.predictor_training import TrainingSettings, train_predictor
+from dit_token_cache.nodes.tokencache_nodes import FOLDER, TokenCacheNode, TokenCacheTrainPredictorNode
+
+FAMILY = "flux_schnell"
+STEPS = 8
+SAMPLING = dict(steps=STEPS, cfg=2.0, seed=3, width=64, height=64)
+TRAINING = dict(seed=0, steps=6, cfg=2.0, iterations=30, learning_rate=3e-3, cost_weight=0.05)
+
+
+@pytest.fixture(scope="module")
+def flux(model_dir):
+    return tiny_models.load(FAMILY, tiny_models.build_checkpoint(FAMILY, model_dir / f"{FAMILY}_tiny.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def predictor_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("token_cache")
+    paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = ([str(folder)], extensions)
+    yield folder
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, extensions)
+
+
+def _inputs(model):
+    positive, negative = tiny_models.conditioning(FAMILY, model)
+    return positive, negative, tiny_models.empty_latent(FAMILY, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def trained(flux, predictor_dir):
+    positive, negative, latent = _inputs(flux)
+    (path,) = TokenCacheTrainPredictorNode.execute(flux, positive, negative, latent, filename="tiny_flux", sampler_name="euler",
+                                                   scheduler="simple", **TRAINING).result
+    return path
+
+
+def _run(model, predictor="none", cache_ratio=0.75, i_steps=3, protected_last_blocks=1, **kw):
+    (patched,) = TokenCacheNode.execute(model, predictor, cache_ratio, i_steps, protected_last_blocks, 0.0, 1.0).result
+    out = tiny_models.sample(patched, FAMILY, **{**SAMPLING, **kw})
+    return out, patched.model_options["transformer_options"][SETTINGS_KEY].last_run
+
+
+def test_training_lowers_the_loss_and_the_file_round_trips(flux, trained):
+    assert os.path.basename(trained) == "tiny_flux.safetensors"
+    predictor, metadata = load_predictor(trained)
+    training = metadata["training"]
+    assert training["final_loss"] < training["first_loss"], training
+    assert metadata["family"] == "Flux" and metadata["blocks"] == 4
+    assert len(metadata["calibration"]["sigmas"]) == TRAINING["steps"] - 1   # one reuse error per step after the first
+    # the same settings train the same predictor
+    positive, negative, latent = _inputs(flux)
+    again, _ = train_predictor(flux, positive, negative, latent, TrainingSettings(**TRAINING))
+    for (name, a), b in zip(predictor.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_learned_plan_differs_from_fallback_and_does_the_asked_work(flux, trained):
+    base = tiny_models.sample(flux, FAMILY, **SAMPLING)
+    learned, learned_run = _run(flux, "tiny_flux.safetensors")
+    fallback, fallback_run = _run(flux)
+    assert not learned_run.stats.notes and not fallback_run.stats.notes
+    tokens = 16 + 16                     # text + image tokens of a 64x64 tiny Flux
+    blocks, protected = 4, 1
+    counts = learned_run.stats.counts()
+    assert counts["full"] == 3 and counts["conservative"] == STEPS - 3 and counts["aggressive"] == 0
+    recomputed = round(0.25 * tokens * (blocks - protected)) + protected * tokens
+    expected = (3 + (STEPS - 3) * recomputed / (blocks * tokens)) / STEPS
+    for run in (learned_run, fallback_run):
+        assert run.stats.token_fraction == pytest.approx(expected)
+    # the same budget, spent on other (block, token) pairs
+    assert any(not torch.equal(learned_run.last_selection[b], fallback_run.last_selection[b]) for b in range(blocks - protected))
+    for out in (learned, fallback):
+        assert torch.isfinite(out).all() and 0 < float((out - base).norm() / base.norm()) < 0.5
+    # the fallback spreads the I-steps evenly; the learned run places them by its calibration
+    assert _full_steps(fallback_run) == [0, 3, 6]
+    importance = importance_curve(load_predictor(trained)[1]["calibration"])
+    sigmas = learned_run.schedule.sigmas[:STEPS]
+    assert _full_steps(learned_run) == place_i_steps([importance(s) for s in sigmas], 3)
+
+
+def _full_steps(run):
+    return [k for k, kind in enumerate(run.schedule.kinds) if kind is StepKind.FULL]
+
+
+def test_deterministic_and_cfg_batched_equals_split(flux, trained):
+    first, _ = _run(flux, "tiny_flux.safetensors")
+    second, _ = _run(flux, "tiny_flux.safetensors")
+    assert torch.equal(first, second)
+    usual = flux.model.memory_usage_factor
+    flux.model.memory_usage_factor = 1e15      # nothing fits: ComfyUI runs cond and uncond one at a time
+    try:
+        split, split_run = _run(flux, "tiny_flux.safetensors")
+        split_fallback, _ = _run(flux)
+    finally:
+        flux.model.memory_usage_factor = usual
+    assert split_run.stats.evaluations == 2 * STEPS
+    torch.testing.assert_close(split, first, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(split_fallback, _run(flux)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_run_state_is_reset_after_an_error(flux, trained):
+    (patched,) = TokenCacheNode.execute(flux, "tiny_flux.safetensors", 0.75, 3, 1, 0.0, 1.0).result
+    settings = patched.model_options["transformer_options"][SETTINGS_KEY]
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+    broken = patched.clone()
+    broken.set_model_unet_function_wrapper(explode)
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny_models.sample(broken, FAMILY, **SAMPLING)
+    assert settings.active_run is None
+    out, _ = _run(flux, "tiny_flux.safetensors")
+    assert torch.equal(out, _run(flux, "tiny_flux.safetensors")[0])
+
+
+def _expect_refused(flux, name, *fragments):
+    with pytest.raises(ValueError) as error:
+        TokenCacheNode.execute(flux, name, 0.9, 4, 1, 0.0, 1.0)
+    message = str(error.value)
+    assert name in message and all(f in message for f in fragments), message
+
+
+def test_bad_predictor_files_are_refused(flux, trained, predictor_dir, model_dir):
+    # a predictor trained for another model (more blocks)
+    other = tiny_models.load(FAMILY, tiny_models.build_checkpoint(FAMILY, model_dir / f"{FAMILY}_deeper.safetensors", depth=3))
+    positive, negative, latent = _inputs(other)
+    TokenCacheTrainPredictorNode.execute(other, positive, negative, latent, filename="deeper", sampler_name="euler",
+                                         scheduler="simple", **{**TRAINING, "iterations": 2})
+    _expect_refused(flux, "deeper.safetensors", "trained for", "blocks=5", "blocks=4")
+    # wrong metadata: an unknown format version
+    data = open(trained, "rb").read()
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_length])
+    header["__metadata__"]["format_version"] = "99"
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (predictor_dir / "future.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data[8 + header_length:])
+    _expect_refused(flux, "future.safetensors", "format_version")
+    # truncated, and not a safetensors file at all
+    (predictor_dir / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    _expect_refused(flux, "truncated.safetensors", "truncated")
+    (predictor_dir / "pickle.safetensors").write_bytes(b"\x80\x04\x95not a safetensors file")
+    _expect_refused(flux, "pickle.safetensors")
+    _expect_refused(flux, "missing.safetensors", "not found")
+    # and the model still samples normally afterwards
+    assert torch.isfinite(_run(flux, "tiny_flux.safetensors")[0]).all()
+
+
+def test_cancel_stops_training_and_writes_nothing(flux, predictor_dir):
+    positive, negative, latent = _inputs(flux)
+
+    def cancel_after_first(value, total, preview=None, node_id=None):
+        # the first update always reaches the hook (later ones are throttled)
+        if value == 1:
+            comfy.model_management.interrupt_current_processing(True)
+    comfy.utils.set_progress_bar_global_hook(cancel_after_first)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            TokenCacheTrainPredictorNode.execute(flux, positive, negative, latent, filename="cancelled",
+                                                 sampler_name="euler", scheduler="simple", **TRAINING)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert not any(p.name.startswith("cancelled") or p.name.startswith(".cancelled") for p in predictor_dir.iterdir())
+
+
+def test_tokencache_refuses_families_it_does_not_cover_yet(model_dir):
+    wan = tiny_models.load("wan_t2v", tiny_models.build_checkpoint("wan_t2v", model_dir / "wan_t2v_tiny.safetensors"))
+    with pytest.raises(ValueError, match="TokenCache supports the Flux family.*not Wan"):
+        apply_token_cache(wan, CacheConfig(mode="tokencache"))
