@@ -2,7 +2,8 @@
 from dataclasses import dataclass
 
 SELECTORS = ("random", "v_norm", "k_norm", "similarity", "attention")
-MODES = ("duca", "toca", "fora", "tokencache")
+DUCA_MODES = ("duca", "toca", "fora")   # the DuCa Cache node's modes
+MODES = DUCA_MODES + ("tokencache",)
 CACHE_DEVICES = ("model_device", "cpu")
 # conservative-step attention: "reuse" the cached output (the research method), or
 # "query_subset": selected tokens recompute their queries and attend over all keys

@@ -55,16 +55,18 @@ def ours(config):
     return lambda model: patcher.apply_token_cache(model, config)
 
 
-def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2):
+def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2, calibrated=True):
     """TokenCache with the shipped predictor ("learned"), or the training-free
-    fallback ("change"), or random scores ("random"), same schedule rules."""
+    fallback ("change"), or random scores ("random"). `calibrated`: I-steps from
+    the shipped predictor file's calibration (so scorings compare at the same
+    I-steps), else spread evenly (the fallback as the node runs it)."""
     config = CacheConfig(mode="tokencache", cache_ratio=cache_ratio, i_steps=i_steps,
                          protected_last_blocks=protected_last_blocks)
+    predictor, metadata = load_predictor(str(PREDICTOR_FILE))
+    calibration = metadata["calibration"] if calibrated else None
     if scoring == "learned":
-        predictor, metadata = load_predictor(str(PREDICTOR_FILE))
-        return lambda model: patcher.apply_token_cache(model, config, predictor=predictor,
-                                                       calibration=metadata["calibration"])
-    return lambda model: patcher.apply_token_cache(model, config, fallback=scoring)
+        return lambda model: patcher.apply_token_cache(model, config, predictor=predictor, calibration=calibration)
+    return lambda model: patcher.apply_token_cache(model, config, fallback=scoring, calibration=calibration)
 
 
 def methods_for(args) -> list:
@@ -93,11 +95,15 @@ def methods_for(args) -> list:
                             tokencache("learned", ratio, i_steps), steps))
     for scoring in ("change", "random"):
         found.append(Method(f"TokenCache {scoring} I=4 r=0.9", "TokenCache scoring", tokencache(scoring), steps))
+    found.append(Method("TokenCache change I=4 r=0.9 even I-steps", "TokenCache scoring",
+                        tokencache("change", calibrated=False), steps))
     for t in (0.1, 0.3):
         found.append(Method(f"EasyCache t={t}", "EasyCache", lambda m, t=t: EasyCacheNode.execute(m, t, 0.15, 0.95, False).result[0], steps))
     found.append(Method("LazyCache t=0.3", "LazyCache", lambda m: LazyCacheNode.execute(m, 0.3, 0.15, 0.95, False).result[0], steps))
     for divisor in (2, 3, 4):
         found.append(Method(f"{steps // divisor} steps", "fewer steps", plain, steps // divisor))
+    if args.only:
+        found = [m for m in found if m.name == "uncached" or m.name.startswith(args.only)]
     return found
 
 
@@ -170,6 +176,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", help="run uncached and the methods whose name starts with this")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "reference")
     args = parser.parse_args()
     if args.quick:
@@ -215,7 +222,7 @@ def main():
         row["ssim"] = float(metrics.ssim(images, reference).mean())
         row["rel_l2"] = float(metrics.relative_l2(images, reference))
 
-    step_errors = measure_step_errors(model, labels[:args.batch], args)
+    step_errors = measure_step_errors(model, labels[:args.batch], args) if not args.only else {}
     (args.out / "results.json").write_text(json.dumps({"rows": rows, "step_errors": step_errors, "args": {
         k: str(v) for k, v in vars(args).items()}}, indent=1))
     import report

@@ -1,7 +1,7 @@
 """The DuCa Cache node: MODEL in, token-cached MODEL out."""
 from comfy_api.v0_0_2 import io
 
-from ..accel_core.config import CACHE_DEVICES, MODES, SELECTORS, CacheConfig
+from ..accel_core.config import CACHE_DEVICES, DUCA_MODES, SELECTORS, CacheConfig
 from .families import supported_families
 from .patcher import apply_token_cache
 
@@ -36,7 +36,7 @@ class DuCaCacheNode(io.ComfyNode):
                                tooltip="Caching ends at this point of the sampling schedule; later steps compute in full."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=io.ControlAfterGenerate.fixed,
                              tooltip="Seed of the random token selector: the same seed reproduces the same image."),
-                io.Combo.Input("mode", options=list(MODES), default="duca", advanced=True,
+                io.Combo.Input("mode", options=list(DUCA_MODES), default="duca", advanced=True,
                                tooltip="duca: alternate aggressive and conservative steps; toca: conservative steps only; "
                                        "fora: aggressive steps only (step-level reuse)."),
                 io.Float.Input("staleness_weight", default=0.25, min=0.0, max=10.0, step=0.01, advanced=True,

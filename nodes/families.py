@@ -1,7 +1,7 @@
 """Which diffusion transformers the pack can cache, and the adapter for each."""
 import importlib
 
-from .adapters import wan
+from .adapters import hidream, ltxv, lumina, pixart, qwen_image, sd3, wan
 from .adapters.flux import FluxFamilyAdapter
 
 # (family name users know, ComfyUI module, class name, adapter factory(diffusion_model, family))
@@ -10,6 +10,12 @@ FAMILIES = (
     ("Chroma", "comfy.ldm.chroma.model", "Chroma", FluxFamilyAdapter),
     ("HunyuanVideo", "comfy.ldm.hunyuan_video.model", "HunyuanVideo", FluxFamilyAdapter),
     ("Wan (2.1, 2.2)", "comfy.ldm.wan.model", "WanModel", wan.adapter),
+    ("Qwen-Image (text-to-image, Edit, Layered)", "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel", qwen_image.adapter),
+    ("Lumina 2 (Lumina Image 2.0, Z-Image, Neta Lumina, NewBie)", "comfy.ldm.lumina.model", "NextDiT", lumina.adapter),
+    ("HiDream (I1, E1)", "comfy.ldm.hidream.model", "HiDreamImageTransformer2DModel", hidream.adapter),
+    ("PixArt (alpha, Sigma)", "comfy.ldm.pixart.pixartms", "PixArtMS", pixart.adapter),
+    ("LTX-Video (0.9.x)", "comfy.ldm.lightricks.model", "LTXVModel", ltxv.adapter),
+    ("SD3 / SD3.5", "comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper", sd3.adapter),
 )
 
 

@@ -141,13 +141,14 @@ def calibrate(evaluations) -> dict:
     return {"sigmas": sigmas, "importance": [sum(by_sigma[s]) / len(by_sigma[s]) for s in sigmas]}
 
 
-def train_predictor(model, positive, negative, latent: dict, settings: TrainingSettings, progress=None):
-    """Train a predictor for `model`; returns (predictor, metadata for the file).
-    `progress(iteration, total, loss)` is called after every iteration; ComfyUI's
-    cancel raises out of here between iterations."""
-    adapter = adapter_for(model)
-    if not adapter.tokencache:
-        raise ValueError(f"TokenCache supports the Flux family (Flux, Chroma, HunyuanVideo) so far, not {adapter.family}")
+def _recorded(model, positive, negative, latent, settings, seed):
+    """A trajectory recorded without autograd, its tensors made usable by autograd."""
+    with torch.inference_mode():
+        evaluations, subset = record_trajectory(model, positive, negative, latent, settings, seed)
+    return [Evaluation(e.conds, e.sigma, e.features.clone(), e.deltas.clone()) for e in evaluations], subset.clone()
+
+
+def _optimise(model, positive, negative, latent, settings, adapter, progress):
     torch.manual_seed(settings.seed)
     predictor = CachePredictor(adapter.hidden, adapter.block_count, width=settings.width)
     optimizer = torch.optim.Adam(predictor.parameters(), lr=settings.learning_rate)
@@ -156,7 +157,7 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
     for iteration in range(settings.iterations):
         comfy.model_management.throw_exception_if_processing_interrupted()
         if not pairs:
-            last_evaluations, subset = record_trajectory(model, positive, negative, latent, settings, settings.seed + trajectory)
+            last_evaluations, subset = _recorded(model, positive, negative, latent, settings, settings.seed + trajectory)
             trajectory += 1
             found = _pairs(last_evaluations)
             if not found:
@@ -166,13 +167,27 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
             pairs = [found[int(j)] for j in order]
         previous, current = pairs.pop()
         scores = predictor(current.features, torch.tensor([current.sigma]))[:, :, subset]
-        loss, parts = soft_reuse_loss(scores, current.deltas, previous.deltas, settings.cost_weight)
+        loss, _ = soft_reuse_loss(scores, current.deltas, previous.deltas, settings.cost_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(iteration + 1, settings.iterations, losses[-1])
+    return predictor, losses, trajectory, last_evaluations
+
+
+def train_predictor(model, positive, negative, latent: dict, settings: TrainingSettings, progress=None):
+    """Train a predictor for `model`; returns (predictor, metadata for the file).
+    `progress(iteration, total, loss)` is called after every iteration; ComfyUI's
+    cancel raises out of here between iterations."""
+    adapter = adapter_for(model)
+    if not adapter.tokencache:
+        raise ValueError(f"TokenCache supports the Flux family (Flux, Chroma, HunyuanVideo) so far, not {adapter.family}")
+    # ComfyUI runs nodes under inference mode: the predictor trains outside it
+    with torch.inference_mode(False), torch.enable_grad():
+        predictor, losses, trajectory, last_evaluations = _optimise(model, positive, negative, latent, settings,
+                                                                    adapter, progress)
     predictor.eval()
     window = max(1, min(20, len(losses)))
     metadata = {

@@ -44,7 +44,11 @@ MUTED, BYPASSED = 2, 4
 TEXT_ENCODE_NODES = {"CLIPTextEncode", "CLIPTextEncodeFlux", "CLIPTextEncodeSD3", "CLIPTextEncodeSDXL"}
 CLIP_LOADERS = {"CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader", "QuadrupleCLIPLoader"}
 VAE_LOADERS = {"VAELoader"}
-IMAGE_SINKS = {"SaveImage", "PreviewImage"}
+IMAGE_SINKS = {"SaveImage", "PreviewImage", "SaveAnimatedWEBP", "SaveWEBM"}
+# Image-to-video nodes -> the empty-latent node that makes the latent they make; the image
+# nodes that feed them are dropped (see substitute_tiny_model).
+IMAGE_TO_VIDEO_NODES = {"WanImageToVideo": "EmptyHunyuanLatentVideo"}
+IMAGE_INPUT_NODES = {"LoadImage", "CLIPVisionLoader", "CLIPVisionEncode"}
 LATENT_SOURCES = {"EmptySD3LatentImage", "EmptyLatentImage", "EmptyHunyuanLatentVideo", "EmptyFlux2LatentImage"}
 SAMPLERS_WITH_STEPS = {"KSampler", "KSamplerAdvanced", "BasicScheduler", "Flux2Scheduler"}
 
@@ -401,15 +405,27 @@ def _consumers(prompt: dict, node_id: str):
 
 
 def substitute_tiny_model(api_prompt: dict, unet_name: str, width: int = 64, height: int = 64,
-                          steps: int | None = 6, filename_prefix: str = "latents/dtc_test") -> dict:
+                          steps: int | None = 6, filename_prefix: str = "latents/dtc_test",
+                          text_dataset: str | None = None, length: int = 5) -> dict:
     """A copy of an API prompt that runs on a tiny diffusion model with no text encoder or VAE.
 
     * UNETLoader loads `unet_name` (weight_dtype kept);
     * text encoders fed by a CLIP loader become LotusConditioning (a fixed [1, 77, 1024]
-      conditioning, no inputs), the CLIP and VAE loaders are dropped;
+      conditioning, no inputs), or, given `text_dataset`, the conditioning of LoadTrainingDataset
+      reading that dataset folder (for models whose text width detection fixes at another
+      width, or that need a pooled output: SD3); the CLIP and VAE loaders are dropped;
     * each VAEDecode and the SaveImage/PreviewImage nodes it feeds become one SaveLatent
       (saved under `filename_prefix`);
-    * empty latents are shrunk to width x height, sampler steps capped at `steps` (None: kept);
+    * an image-to-video node (WanImageToVideo) gives what it gives with no start image and no
+      CLIP vision output: its positive and negative pass through unchanged, and its zero latent
+      comes from the empty-latent node of the same shape (EmptyHunyuanLatentVideo). Its VAE,
+      image and CLIP vision inputs have no tiny stand-in (detection pins the CLIP vision
+      encoder at full size), so LoadImage and the CLIP vision nodes are dropped, and ComfyUI's
+      model fills the image channels with zeros, as it does when that node has no image. The
+      image path itself (concat latent, CLIP image tokens) is tested on the tiny i2v model in
+      tests/test_families_modulewise.py;
+    * empty latents are shrunk to width x height (videos to `length` frames), sampler steps
+      capped at `steps` (None: kept);
     * everything else, DuCaCache and its settings included, is kept as is.
     """
     prompt = copy.deepcopy(api_prompt)
@@ -425,8 +441,13 @@ def substitute_tiny_model(api_prompt: dict, unet_name: str, width: int = 64, hei
                 consumer = prompt[cid]
                 if consumer["class_type"] not in TEXT_ENCODE_NODES:
                     raise ValueError(f"node {cid} ({consumer['class_type']}) takes CLIP from {nid}: no tiny substitute known")
-                prompt[cid] = {"class_type": "LotusConditioning", "inputs": {},
-                               "_meta": {"title": f"{consumer.get('_meta', {}).get('title', consumer['class_type'])} (tiny)"}}
+                meta = {"title": f"{consumer.get('_meta', {}).get('title', consumer['class_type'])} (tiny)"}
+                if text_dataset is None:
+                    prompt[cid] = {"class_type": "LotusConditioning", "inputs": {}, "_meta": meta}
+                    continue
+                prompt[cid] = {"class_type": "LoadTrainingDataset", "inputs": {"folder_name": text_dataset}, "_meta": meta}
+                for uid, input_name, _ in list(_consumers(prompt, cid)):
+                    prompt[uid]["inputs"][input_name] = [cid, 1]   # its conditioning output
             removed.add(nid)
 
     for nid, node in list(prompt.items()):
@@ -445,8 +466,20 @@ def substitute_tiny_model(api_prompt: dict, unet_name: str, width: int = 64, hei
         prompt[target] = {"class_type": "SaveLatent", "inputs": {"samples": samples, "filename_prefix": filename_prefix},
                           "_meta": {"title": "Save Latent (tiny)"}}
 
+    for nid, node in list(prompt.items()):
+        latent_node = IMAGE_TO_VIDEO_NODES.get(node["class_type"])
+        if latent_node is None:
+            continue
+        inputs = node["inputs"]
+        for cid, name, slot in list(_consumers(prompt, nid)):
+            # outputs: positive, negative, latent
+            prompt[cid]["inputs"][name] = inputs[("positive", "negative")[slot]] if slot < 2 else [nid, 0]
+        prompt[nid] = {"class_type": latent_node,
+                       "inputs": {key: inputs[key] for key in ("width", "height", "length", "batch_size")},
+                       "_meta": {"title": f"{node.get('_meta', {}).get('title', node['class_type'])} (tiny, no image)"}}
+
     for nid, node in prompt.items():
-        if node["class_type"] in VAE_LOADERS:
+        if node["class_type"] in VAE_LOADERS or node["class_type"] in IMAGE_INPUT_NODES:
             removed.add(nid)
     for nid in removed:
         prompt.pop(nid, None)
@@ -454,7 +487,7 @@ def substitute_tiny_model(api_prompt: dict, unet_name: str, width: int = 64, hei
     for nid, node in prompt.items():
         inputs = node["inputs"]
         if node["class_type"] in LATENT_SOURCES:
-            for key, value in (("width", width), ("height", height)):
+            for key, value in (("width", width), ("height", height), ("length", length)):
                 if key in inputs and not isinstance(inputs[key], list):
                     inputs[key] = value
         if steps is not None and node["class_type"] in SAMPLERS_WITH_STEPS and isinstance(inputs.get("steps"), int):

@@ -360,11 +360,14 @@ def test_node_rejects_bad_input_with_a_clear_message(flux, bad):
         DuCaCacheNode.execute(flux, **values)
 
 
-def test_per_token_modulation_falls_back_to_full_compute_and_says_so_once(flux, caplog):
+def test_per_token_modulation_of_unknown_layout_falls_back_to_full_compute_and_says_so_once(flux, caplog):
+    """Modulation rows with no modulation_dims (nor reference tokens) to say
+    which tokens use which, or dims that leave a token out: full compute.
+    Known layouts are cached (tests/test_flux_kontext.py)."""
     dm = flux.model.diffusion_model
     adapter = FluxFamilyAdapter(dm, "Flux")
     run = _two_step_run(cache_ratio=0.7)
-    img, txt, pe, vec_a, _ = _inputs(dm)
+    img, txt, pe, vec_a, vec_b = _inputs(dm)
     calls = []
 
     def original(args):
@@ -372,13 +375,14 @@ def test_per_token_modulation_falls_back_to_full_compute_and_says_so_once(flux, 
         return {"img": args["img"], "txt": args["txt"]}
 
     run.begin_forward(1.0, ["cond", "uncond"], ("sig",))
-    modulation_dims = [(0, img.shape[1], 0)]
-    for _ in range(2):
-        args = {"img": img, "txt": txt, "vec": vec_a, "pe": pe, "attention_mask": None,
-                "modulation_dims_img": modulation_dims, "modulation_dims_txt": None, "transformer_options": {}}
+    two_rows = torch.stack((vec_a, vec_b), dim=1)
+    leaves_last_token_out = [(0, img.shape[1] - 1, 0)]
+    for vec, dims in ((two_rows, None), (two_rows, None), (vec_a, leaves_last_token_out)):
+        args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "attention_mask": None,
+                "modulation_dims_img": dims, "modulation_dims_txt": None, "transformer_options": {}}
         with caplog.at_level("WARNING"):
             adapter.double_block(run, 0, args, original)
-    assert len(calls) == 2
+    assert len(calls) == 3
     assert len([n for n in run.stats.notes if "per-token modulation" in n]) == 1
     assert sum("per-token modulation" in r.getMessage() for r in caplog.records) == 1
     assert run.stats.token_fraction == 1.0

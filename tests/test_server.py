@@ -3,7 +3,7 @@ web UI needs, the example workflows are valid and run (on tiny checkpoints), and
 are refused without taking the server down.
 
 One server per module (start-up is ~10 s on CPU), started by scripts/comfy_server.py from
-$DTC_COMFYUI with --cpu on a free loopback port; models, input, output, temp and user folders
+$DTC_COMFYUI with --cpu on a free loopback port; models, input, output, temp, user and datasets folders
 are in a tmp dir, and it is always stopped by its own pid.
 """
 import copy
@@ -17,7 +17,7 @@ import pytest
 
 import workflow_tools as wt  # scripts/, on sys.path through conftest
 from comfy_server import execution_errors, start_server
-from tiny_models import build_checkpoint
+from tiny_models import FAMILIES, build_checkpoint, model_config
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("DTC_COMFYUI", REPO / ".dtc" / "ComfyUI")).resolve()
@@ -29,7 +29,19 @@ PACK_DIR_NAME = "dit-token-cache"
 TINY_FAMILY = {
     "flux1-dev.safetensors": "flux_dev",
     "flux1-schnell.safetensors": "flux_schnell",
+    "PixArt-Sigma-XL-2-1024-MS.safetensors": "pixart_sigma",
+    "sd3.5_large.safetensors": "sd3",
+    "wan2.1_t2v_14B_bf16.safetensors": "wan_t2v",
+    "wan2.1_i2v_480p_14B_bf16.safetensors": "wan_i2v",
+    "qwen_image_fp8_e4m3fn.safetensors": "qwen_image",
 }
+# Families whose ComfyUI model reads the pooled text output whatever the conditioning (SD3:
+# CLIP-L + CLIP-G); LotusConditioning has none, so they get a text dataset with one.
+POOLED_TEXT = {"sd3"}
+# Pixel size of a tiny run's latent where 64 x 64 does not do: PixArtMS's position embedding is
+# NaN for a latent side sum under 66, and its width of 1152 makes tokens dear.
+TINY_SIZE = {"pixart_sigma": (512, 16), "qwen_image": (32, 32)}   # Qwen-Image: width 3072
+LOTUS_TEXT_WIDTH = 1024   # LotusConditioning: [1, 77, 1024]
 TINY_STEPS = 6
 SHIPPED_MODEL = "TokenCacheShapesModel"
 
@@ -37,6 +49,9 @@ DUCA_WIDGETS = ["cache_ratio", "cycle_length", "selector", "start_percent", "end
                 "mode", "staleness_weight", "cache_device"]
 
 SUMMARY = re.compile(r"DuCa\[(\w+)\]: (\d+) steps \((\d+) full, (\d+) aggressive, (\d+) conservative\)")
+TOKENCACHE_SUMMARY = re.compile(r"TokenCache\[(\w+)\]: (\d+) steps \((\d+) full, (\d+) aggressive, (\d+) conservative\)")
+CACHE_NODES = ("DuCaCache", "TokenCache")
+TRAIN_NODE = "TokenCacheTrainPredictor"
 
 
 # --------------------------------------------------------------------------- server
@@ -46,12 +61,55 @@ def _tiny_name(family: str) -> str:
     return f"tiny_{family}.safetensors"
 
 
+def _text_width(family: str) -> int:
+    return model_config(family)[FAMILIES[family].context_key]
+
+
+def _text_source(family: str) -> tuple:
+    """(text width, pooled output width or None) of the conditioning a tiny run of `family` needs."""
+    return _text_width(family), FAMILIES[family].pooled_dim if family in POOLED_TEXT else None
+
+
+def _text_dataset(width: int, pooled: int | None = None) -> str:
+    return f"dtc_text_{width}" if pooled is None else f"dtc_text_{width}_pooled_{pooled}"
+
+
+def _write_text_dataset(folder: Path, width: int, pooled: int | None = None) -> None:
+    """A [1, 77, width] conditioning (with a [1, pooled] pooled output if given) that ComfyUI's
+    LoadTrainingDataset reads, for tiny models whose text width detection fixes at other than
+    LotusConditioning's, or that need a pooled output (no core node makes one)."""
+    import torch
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 77, width, generator=generator)
+    extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=generator)}
+    torch.save({"latents": [{"samples": torch.zeros(1, 4, 8, 8)}], "conditioning": [[[text, extra]]]},
+               folder / "shard_00000.pkl")
+    (folder / "metadata.json").write_text("{}")   # what makes ComfyUI list the folder
+
+
+def _write_input_images(folder: Path) -> None:
+    """The images the workflows' LoadImage nodes name, so the server lists them and the
+    workflows validate (a user loads their own)."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in WORKFLOWS:
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] == "LoadImage":
+                Image.new("RGB", (64, 64), (200, 120, 40)).save(folder / node["widgets_values"][0])
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
     # Built once per machine and cached in model_dir; the server gets its own copies.
+    families = sorted(set(TINY_FAMILY.values()))
     models = {f"diffusion_models/{_tiny_name(family)}": build_checkpoint(family, model_dir / f"{family}_tiny.safetensors")
-              for family in sorted(set(TINY_FAMILY.values()))}
-    with start_server(tmp_path_factory.mktemp("comfy_server"), models=models, comfyui=COMFYUI) as srv:
+              for family in families}
+    base = tmp_path_factory.mktemp("comfy_server")
+    for width, pooled in {_text_source(family) for family in families} - {(LOTUS_TEXT_WIDTH, None)}:
+        _write_text_dataset(base / "datasets" / _text_dataset(width, pooled), width, pooled)
+    _write_input_images(base / "input")
+    with start_server(base, models=models, comfyui=COMFYUI) as srv:
         yield srv
 
 
@@ -77,9 +135,12 @@ def _tiny_prompt(object_info, workflow_path, prefix=None, **duca_overrides):
         unets = [n["inputs"]["unet_name"] for n in api.values() if n["class_type"] == "UNETLoader"]
         assert len(unets) == 1, f"{workflow_path.name}: expected one UNETLoader, found {unets}"
         assert unets[0] in TINY_FAMILY, f"{workflow_path.name}: no tiny stand-in for {unets[0]}; add it to TINY_FAMILY"
-        tiny = _tiny_name(TINY_FAMILY[unets[0]])
-        prompt = wt.substitute_tiny_model(api, tiny, width=64, height=64, steps=TINY_STEPS,
-                                          filename_prefix=f"latents/{prefix or workflow_path.stem}")
+        family = TINY_FAMILY[unets[0]]
+        width, height = TINY_SIZE.get(family, (64, 64))
+        text = _text_source(family)
+        prompt = wt.substitute_tiny_model(api, _tiny_name(family), width=width, height=height, steps=TINY_STEPS,
+                                          filename_prefix=f"latents/{prefix or workflow_path.stem}",
+                                          text_dataset=None if text == (LOTUS_TEXT_WIDTH, None) else _text_dataset(*text))
     for node in prompt.values():
         if node["class_type"] == "DuCaCache":
             node["inputs"].update(duca_overrides)
@@ -148,20 +209,28 @@ def test_workflow_is_valid(path, object_info):
     assert workflow.get("version") == 0.4
     assert wt.check_ui_workflow(workflow, object_info) == []
     api = wt.ui_to_api(workflow, object_info)
-    # DuCaCache sits between the diffusion model loader and the sampler.
-    duca_id, duca = wt.node_of_type(api, "DuCaCache")
+    if any(n["class_type"] == TRAIN_NODE for n in api.values()):
+        return   # trains a predictor; test_train_then_use_predictor runs it
+    # The cache node sits between the diffusion model loader (maybe behind ModelSampling patches) and the sampler.
+    duca_id, duca = next((nid, n) for nid, n in api.items() if n["class_type"] in CACHE_NODES)
     (unet_id, _), = [(nid, n) for nid, n in api.items() if n["class_type"] in ("UNETLoader", SHIPPED_MODEL)]
     _, sampler = wt.node_of_type(api, "KSampler")
-    assert duca["inputs"]["model"] == [unet_id, 0]
+    model_source = duca["inputs"]["model"]
+    while api[model_source[0]]["class_type"].startswith("ModelSampling"):
+        model_source = api[model_source[0]]["inputs"]["model"]
+    assert model_source == [unet_id, 0]
     assert sampler["inputs"]["model"] == [duca_id, 0]
     # The seed's control value is saved in the workflow but never sent to the server.
     assert all(v not in wt.CONTROL_VALUES for n in api.values() for v in n["inputs"].values() if isinstance(v, str))
     assert set(wt.ui_to_api(workflow, object_info)) == {str(n["id"]) for n in workflow["nodes"]}
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in WORKFLOWS if TRAIN_NODE not in p.read_text()], ids=lambda p: p.stem)
 def test_workflow_runs_on_tiny_model(path, server, object_info):
     prompt = _tiny_prompt(object_info, path)
+    if any(n["class_type"] == "TokenCache" for n in prompt.values()):
+        _run_tokencache_prompt(server, prompt, path.stem)
+        return
     _, duca = wt.node_of_type(prompt, "DuCaCache")
     _, sampler = wt.node_of_type(prompt, "KSampler")
     (save_id, save), = [(nid, n) for nid, n in prompt.items() if n["class_type"] in ("SaveLatent", "SaveImage")]
@@ -180,7 +249,9 @@ def test_workflow_runs_on_tiny_model(path, server, object_info):
     if save["class_type"] == "SaveLatent":
         from safetensors.torch import load_file
         tensor = load_file(str(written))["latent_tensor"]
-        assert tuple(tensor.shape) == (1, 16, 8, 8), tensor.shape
+        (_, latent), = [(nid, n) for nid, n in prompt.items() if n["class_type"] in wt.LATENT_SOURCES]
+        size = (latent["inputs"]["height"] // 8, latent["inputs"]["width"] // 8)
+        assert tensor.shape[0] == 1 and tuple(tensor.shape[-2:]) == size, tensor.shape
         assert bool(tensor.isfinite().all())
     else:   # the reference model decodes to a real picture
         from PIL import Image
@@ -197,6 +268,58 @@ def test_workflow_runs_on_tiny_model(path, server, object_info):
     assert (mode, int(steps), (int(full), int(aggressive), int(conservative))) == (
         settings["mode"], sampler["inputs"]["steps"], expected), summaries[-1]
     print(f"{path.stem}: {elapsed:.1f} s, {summaries[-1]}")
+
+
+def _run_tokencache_prompt(server, prompt, name):
+    """Runs a TokenCache workflow; its summary must show the I-steps asked for."""
+    _, node = wt.node_of_type(prompt, "TokenCache")
+    _, sampler = wt.node_of_type(prompt, "KSampler")
+    entry, log = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", (
+        f"{name} failed: {json.dumps(execution_errors(entry), indent=1)[:6000]}\n{log[-4000:]}")
+    summaries = TOKENCACHE_SUMMARY.findall(log)
+    assert summaries, f"no TokenCache summary in the server log:\n{log[-4000:]}"
+    scoring, steps, full, aggressive, conservative = summaries[-1]
+    expected_scoring = "fallback" if node["inputs"]["predictor"] == "none" else "learned"
+    assert (scoring, int(steps), int(full), int(aggressive), int(conservative)) == (
+        expected_scoring, sampler["inputs"]["steps"], node["inputs"]["i_steps"], 0,
+        sampler["inputs"]["steps"] - node["inputs"]["i_steps"]), summaries[-1]
+    return entry
+
+
+def test_train_then_use_predictor(server, object_info):
+    """The train-predictor workflow writes models/token_cache/<name>.safetensors
+    inside the server; the use-predictor workflow then runs with that file."""
+    train = wt.ui_to_api(json.loads((REPO / "workflows" / "shapes_reference_train_predictor.json").read_text()), object_info)
+    train_id, trainer = wt.node_of_type(train, TRAIN_NODE)
+    trainer["inputs"].update(iterations=4, steps=4, filename="server_trained")
+    for node in train.values():
+        if node["class_type"] == "TokenCacheShapesEmptyLatent":
+            node["inputs"]["batch_size"] = 2
+    entry, log = server.run(train)
+    assert entry["status"]["status_str"] == "success", f"{json.dumps(execution_errors(entry), indent=1)[:6000]}\n{log[-4000:]}"
+    written = server.models_dir / "token_cache" / "server_trained.safetensors"
+    assert written.is_file(), (list((server.models_dir / "token_cache").glob("*")) if (server.models_dir / "token_cache").is_dir() else None, log[-3000:])
+    info = server.get("/object_info/TokenCache")["TokenCache"]
+    assert "server_trained.safetensors" in info["input"]["required"]["predictor"][1]["options"] or \
+        "server_trained.safetensors" in info["input"]["required"]["predictor"][0]
+    use = _tiny_prompt(object_info, REPO / "workflows" / "shapes_reference_tokencache.json")
+    _, node = wt.node_of_type(use, "TokenCache")
+    node["inputs"].update(predictor="server_trained.safetensors", i_steps=2)
+    _run_tokencache_prompt(server, use, "train_then_use")
+    # a missing file is refused at validation with the list of files; a broken one when it runs, with
+    # a clear message; the server keeps running
+    node["inputs"]["predictor"] = "no_such_predictor.safetensors"
+    status, body = server.queue(use)
+    assert status == 400 and "server_trained.safetensors" in json.dumps(body), body
+    (written.parent / "broken.safetensors").write_bytes(written.read_bytes()[:100])
+    node["inputs"]["predictor"] = "broken.safetensors"
+    entry, _ = server.run(use)
+    assert entry["status"]["status_str"] == "error"
+    message = json.dumps(execution_errors(entry))
+    assert "broken.safetensors" in message and "truncated" in message, message[:2000]
+    node["inputs"].update(predictor="server_trained.safetensors", i_steps=3)   # new inputs: not served from cache
+    _run_tokencache_prompt(server, use, "after_refusal")
 
 
 def test_checker_finds_mistakes(object_info):

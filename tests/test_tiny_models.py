@@ -19,8 +19,17 @@ tiny_models.ensure_comfy()
 EXPECTED = {
     "flux_dev": ("comfy.ldm.flux.model.Flux", True),
     "flux_schnell": ("comfy.ldm.flux.model.Flux", False),
+    "flux2": ("comfy.ldm.flux.model.Flux", False),
     "chroma": ("comfy.ldm.chroma.model.Chroma", None),
     "hunyuan_video": ("comfy.ldm.hunyuan_video.model.HunyuanVideo", True),
+    "wan_t2v": ("comfy.ldm.wan.model.WanModel", None),
+    "wan_i2v": ("comfy.ldm.wan.model.WanModel", None),
+    "wan22_ti2v": ("comfy.ldm.wan.model.WanModel", None),
+    "qwen_image": ("comfy.ldm.qwen_image.model.QwenImageTransformer2DModel", None),
+    "lumina2": ("comfy.ldm.lumina.model.NextDiT", None),
+    "hidream": ("comfy.ldm.hidream.model.HiDreamImageTransformer2DModel", None),   # sizes from the file
+    "sd3": ("comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper", None),
+    "sd35_medium": ("comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper", None),
 }
 
 

@@ -6,13 +6,16 @@ qkv, proj, mlp, linear1/2) and ComfyUI's own attention function, so quantised
 ops, LoRA weight patches and attention overrides keep applying. Conservative
 steps follow the research method: modulation is recomputed every step, cached
 branch outputs are re-gated with the current gate, attention is reused, and
-the MLP runs on the selected tokens only.
+the MLP runs on the selected tokens only. Modulation that ComfyUI applies per
+token range (Kontext reference images at timestep zero, HunyuanVideo i2v) is
+gathered per token, so token subsets work the same way.
 """
 import logging
+from dataclasses import dataclass
 
 import torch
 
-from comfy.ldm.flux.layers import apply_mod
+from comfy.ldm.flux.layers import ModulationOut, apply_mod
 from comfy.ldm.flux.math import apply_rope1, attention
 
 from ...accel_core.config import ATTENTION_VARIANTS, SELECTORS
@@ -38,13 +41,87 @@ def _single_mod(block, vec):
 
 
 def _per_token(mods) -> bool:
-    """Modulation that differs along the token axis (Kontext timestep-zero
-    references, HunyuanVideo i2v) cannot be gathered for a token subset."""
+    """Modulation with several rows (Kontext timestep-zero references: current t
+    and t = 0; HunyuanVideo i2v: guiding frame and the rest) applies per token
+    range, through ComfyUI's modulation_dims."""
     return any(m.shift.ndim == 3 and m.shift.shape[1] != 1 for m in mods)
 
 
+@dataclass(frozen=True)
+class TokenModulation:
+    """Modulation as ComfyUI applies it with modulation_dims: `mod` holds one
+    (shift, scale, gate) row per modulation vector ([B, rows, D]), `rows` the
+    row of each token. Rows are gathered where applied, so every token subset
+    gets its own."""
+    mod: ModulationOut
+    rows: torch.Tensor
+
+    def take(self, index):
+        return TokenModulation(self.mod, self.rows[index])
+
+
+def _token_rows(dims, tokens, device):
+    """The modulation row of each token from modulation_dims [(start, end, row)];
+    None unless every token lies in exactly one range (apply_mod leaves the
+    others unmodulated)."""
+    rows = torch.zeros(tokens, dtype=torch.long)
+    hits = torch.zeros(tokens, dtype=torch.long)
+    for start, end, row in dims:
+        rows[start:end] = row
+        hits[start:end] += 1
+    return rows.to(device) if bool((hits == 1).all()) else None
+
+
+def _token_mods(args, dims_key, mods, x):
+    """`mods` as ComfyUI applies them to the tokens of `x`: as they are without
+    modulation_dims, as TokenModulation with them; None where modulation has
+    several rows and no known token layout. HunyuanVideo passes the dims in the
+    block's args. Flux keeps them out of the block-replace args, so they are
+    rebuilt as forward_orig builds them from timestep_zero_index: the
+    reference-image tokens, last in the sequence, take row 1 (t = 0), the
+    others row 0."""
+    tokens = x.shape[1]
+    dims = args.get(dims_key)
+    if dims is None and _per_token(mods):
+        references = sum((args.get("transformer_options") or {}).get("reference_image_num_tokens", ()))
+        if not 0 < references < tokens:
+            return None
+        dims = [(0, tokens - references, 0), (tokens - references, tokens, 1)]
+    if dims is None:
+        return mods
+    rows = _token_rows(dims, tokens, x.device)
+    return None if rows is None else [TokenModulation(m, rows) for m in mods]
+
+
+def _double_token_mods(block, args):
+    img_mod1, img_mod2, txt_mod1, txt_mod2 = _double_mods(block, args["vec"])
+    img_mods = _token_mods(args, "modulation_dims_img", [img_mod1, img_mod2], args["img"])
+    txt_mods = _token_mods(args, "modulation_dims_txt", [txt_mod1, txt_mod2], args["txt"])
+    return None if img_mods is None or txt_mods is None else (*img_mods, *txt_mods)
+
+
+def _take(mod, index):
+    return mod.take(index) if isinstance(mod, TokenModulation) else mod
+
+
+def _modulate(x, mod):
+    """x * (1 + scale) + shift as apply_mod computes it: fused for one row; per
+    token as its per-range in-place ops do (multiply, then add, each result in
+    x's dtype), so that the block's output stays bit-identical."""
+    if isinstance(mod, TokenModulation):
+        scaled = (x * (1 + mod.mod.scale[:, mod.rows])).to(x.dtype)
+        return (scaled + mod.mod.shift[:, mod.rows]).to(x.dtype)
+    return apply_mod(x, 1 + mod.scale, mod.shift)
+
+
+def _gated(out, mod):
+    if isinstance(mod, TokenModulation):
+        return (out * mod.mod.gate[:, mod.rows]).to(out.dtype)
+    return apply_mod(out, mod.gate)
+
+
 def _stream_qkv(norm1, attn, mod, x, heads):
-    qkv = attn.qkv(apply_mod(norm1(x), 1 + mod.scale, mod.shift))
+    qkv = attn.qkv(_modulate(norm1(x), mod))
     # explicit head size: a token subset may be empty
     q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, qkv.shape[-1] // (3 * heads)).permute(2, 0, 3, 1, 4)
     q, k = attn.norm(q, k, v)
@@ -52,7 +129,7 @@ def _stream_qkv(norm1, attn, mod, x, heads):
 
 
 def _mlp_branch(x, norm2, mlp, mod2):
-    return mlp(apply_mod(norm2(x), 1 + mod2.scale, mod2.shift))
+    return mlp(_modulate(norm2(x), mod2))
 
 
 def _single_mlp_act(block, mlp):
@@ -68,9 +145,9 @@ def _attention(q, k, v, args):
 
 
 def _finish_stream(x, attn_out, norm2, mlp, mod1, mod2):
-    x = x + apply_mod(attn_out, mod1.gate)
+    x = x + _gated(attn_out, mod1)
     mlp_out = _mlp_branch(x, norm2, mlp, mod2)
-    return x + apply_mod(mlp_out, mod2.gate), mlp_out
+    return x + _gated(mlp_out, mod2), mlp_out
 
 
 def _finite_fp16(x):
@@ -78,7 +155,7 @@ def _finite_fp16(x):
 
 
 def _single_finish(x, mod, output):
-    return _finite_fp16(x + apply_mod(output, mod.gate))
+    return _finite_fp16(x + _gated(output, mod))
 
 
 def double_block_forward(block, args, mods=None, on_qkv=None):
@@ -109,7 +186,7 @@ def single_block_forward(block, args, mod=None, on_qkv=None):
     gating). Bit-identical to the block's own forward."""
     x = args["img"]
     mod = mod if mod is not None else _single_mod(block, args["vec"])
-    qkv, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(x), 1 + mod.scale, mod.shift)),
+    qkv, mlp = torch.split(block.linear1(_modulate(block.pre_norm(x), mod)),
                            [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
     q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
     del qkv
@@ -129,6 +206,7 @@ class FluxFamilyAdapter:
 
     selectors = SELECTORS
     attention_variants = ATTENTION_VARIANTS
+    tokencache = True   # TokenCache plans from the first block's input, cat(txt, img)
 
     def __init__(self, diffusion_model, family: str):
         self.family = family
@@ -139,6 +217,7 @@ class FluxFamilyAdapter:
         skipped = set(getattr(diffusion_model, "skip_dit", ()) or ())
         self.last_single = max(i for i in range(len(self.single_blocks)) if i not in skipped)
         self.hidden = diffusion_model.hidden_size
+        self.block_count = len(self.double_blocks) + len(self.single_blocks)
         first_double = self.double_blocks[0] if self.double_blocks else None
         # per-token linear FLOPs (2 per weight) of each part, per stream
         self.double_attn_flops = 2 * (_linear_params(first_double.img_attn)) if first_double else 0
@@ -158,7 +237,7 @@ class FluxFamilyAdapter:
 
     def double_block(self, run, i, args, original_block, replaced_elsewhere=False):
         block = self.double_blocks[i]
-        img, txt, vec = args["img"], args["txt"], args["vec"]
+        img, txt = args["img"], args["txt"]
         txt_len, tokens, rows = txt.shape[1], txt.shape[1] + img.shape[1], img.shape[0]
         full_flops = rows * (tokens * (self.double_attn_flops + self.double_mlp_flops) + self._attention_flops(tokens))
         plan = run.plan
@@ -166,18 +245,18 @@ class FluxFamilyAdapter:
             run.age_all(i)
             run.stats.record_block(full_flops, 0, rows * tokens, 0)
             return {"img": img, "txt": txt}
-        mods = _double_mods(block, vec) if plan.fill else None
-        if mods is None or not self._subset_ok(run, i, args, mods, replaced_elsewhere):
+        mods = _double_token_mods(block, args) if plan.fill else None
+        if not plan.fill or not self._subset_ok(run, i, args, mods, replaced_elsewhere):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
             return original_block(args)
         img_mod1, img_mod2, txt_mod1, txt_mod2 = mods
-        if plan.kind is StepKind.FULL:
+        if plan.kind is StepKind.FULL or run.computes_in_full(i):
             out = self._double_full(run, i, block, args, mods)
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
             return out
 
-        scores = self._scores(run, i, torch.cat((txt, img), dim=1))
-        index = run.select(i, tokens, scores, img.device)
+        x_joint = torch.cat((txt, img), dim=1)
+        index = run.select(i, tokens, self._scores(run, i, x_joint), img.device, features=x_joint)
         txt_index, img_index = index[index < txt_len], index[index >= txt_len] - txt_len
         computed = rows * index.numel() * self.double_mlp_flops
         if self._queries_attend(run, i, args) and index.numel():
@@ -191,7 +270,7 @@ class FluxFamilyAdapter:
     def single_block(self, run, i, args, original_block, replaced_elsewhere=False):
         block = self.single_blocks[i]
         block_id = len(self.double_blocks) + i
-        x, vec = args["img"], args["vec"]
+        x = args["img"]
         tokens, rows = x.shape[1], x.shape[0]
         full_flops = rows * (tokens * self.single_flops + self._attention_flops(tokens))
         plan = run.plan
@@ -201,18 +280,19 @@ class FluxFamilyAdapter:
             if i == self.last_single:
                 return {"img": run.get_final(x.device, x.dtype)}
             return {"img": x}
-        mod = _single_mod(block, vec) if plan.fill else None
-        if mod is None or not self._subset_ok(run, block_id, args, [mod], replaced_elsewhere):
+        mods = _token_mods(args, "modulation_dims", [_single_mod(block, args["vec"])], x) if plan.fill else None
+        if not plan.fill or not self._subset_ok(run, block_id, args, mods, replaced_elsewhere):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
             out = original_block(args)
             if plan.fill and i == self.last_single:
                 run.put_final(out["img"])
             return out
-        if plan.kind is StepKind.FULL:
+        mod = mods[0]
+        if plan.kind is StepKind.FULL or run.computes_in_full(block_id):
             out = self._single_full(run, block_id, block, args, mod)
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
         else:
-            index = run.select(block_id, tokens, self._scores(run, block_id, x), x.device)
+            index = run.select(block_id, tokens, self._scores(run, block_id, x), x.device, features=x)
             attend = self._queries_attend(run, block_id, args)
             out = self._single_subset(run, block_id, block, args, mod, index, attend)
             computed = rows * index.numel() * (self.single_flops + (4 * tokens * self.hidden if attend else 0))
@@ -224,7 +304,8 @@ class FluxFamilyAdapter:
     # -- checks -----------------------------------------------------------------
     def _subset_ok(self, run, block_id, args, mods, replaced_elsewhere) -> bool:
         """Blocks that cannot run on a token subset compute in full instead, and
-        say so once."""
+        say so once. `mods` is None where modulation has an unknown token
+        layout."""
         to = args.get("transformer_options") or {}
         patches = to.get("patches", {})
         reason = None
@@ -232,8 +313,8 @@ class FluxFamilyAdapter:
             reason = "a block replacement from another node"
         elif run.plan.kind is StepKind.CONSERVATIVE and not run.has(block_id, "staleness"):
             reason = "no cache from the last full step"
-        elif any(args.get(k) is not None for k in ("modulation_dims", "modulation_dims_img", "modulation_dims_txt")) or _per_token(mods):
-            reason = "per-token modulation (reference image at timestep zero, or image-to-video)"
+        elif mods is None:
+            reason = "per-token modulation without a known row for each token"
         elif patches.get("attn1_patch") or patches.get("attn1_output_patch"):
             reason = "another node patches this model's attention"
         if reason is None:
@@ -263,8 +344,10 @@ class FluxFamilyAdapter:
 
     def _double_attend(self, run, i, block, args, mods, index, txt_index, img_index):
         img_mod1, _, txt_mod1, _ = mods
-        txt_q, txt_k, txt_v = _stream_qkv(block.txt_norm1, block.txt_attn, txt_mod1, args["txt"][:, txt_index], block.num_heads)
-        img_q, img_k, img_v = _stream_qkv(block.img_norm1, block.img_attn, img_mod1, args["img"][:, img_index], block.num_heads)
+        txt_q, txt_k, txt_v = _stream_qkv(block.txt_norm1, block.txt_attn, _take(txt_mod1, txt_index),
+                                          args["txt"][:, txt_index], block.num_heads)
+        img_q, img_k, img_v = _stream_qkv(block.img_norm1, block.img_attn, _take(img_mod1, img_index),
+                                          args["img"][:, img_index], block.num_heads)
         attn = self._attend_subset(run, i, args, index, torch.cat((txt_q, img_q), dim=2),
                                    torch.cat((txt_k, img_k), dim=2), torch.cat((txt_v, img_v), dim=2))
         selected_txt = txt_index.numel()
@@ -303,6 +386,7 @@ class FluxFamilyAdapter:
         def keep(x_joint, q, k, v):
             self._keep_features(run, i, x_joint, q, k, v, args["pe"])
         img, txt, branches = double_block_forward(block, args, mods, on_qkv=keep)
+        run.note_change(i, [("txt_mlp", branches["txt_mlp"]), ("img_mlp", branches["img_mlp"])])
         for name, branch in branches.items():
             run.put(i, name, branch)
         run.reset_staleness(i, txt.shape[1] + img.shape[1], img.device)
@@ -311,15 +395,16 @@ class FluxFamilyAdapter:
     def _refresh_stream(self, run, i, stream, x, index, norm2, mlp, mod1, mod2):
         """Cached attention output re-gated for every token; the MLP recomputed
         for the selected tokens on their current input and written back."""
-        x = x + apply_mod(run.get(i, stream + "_attn", x.device).to(x.dtype), mod1.gate)
+        x = x + _gated(run.get(i, stream + "_attn", x.device).to(x.dtype), mod1)
         if index.numel():
-            run.scatter(i, stream + "_mlp", index, _mlp_branch(x[:, index], norm2, mlp, mod2))
-        return x + apply_mod(run.get(i, stream + "_mlp", x.device).to(x.dtype), mod2.gate)
+            run.scatter(i, stream + "_mlp", index, _mlp_branch(x[:, index], norm2, mlp, _take(mod2, index)))
+        return x + _gated(run.get(i, stream + "_mlp", x.device).to(x.dtype), mod2)
 
     def _single_full(self, run, block_id, block, args, mod):
         def keep(x_joint, q, k, v):
             self._keep_features(run, block_id, x_joint, q, k, v, args["pe"])
         x, attn, output = single_block_forward(block, args, mod, on_qkv=keep)
+        run.note_change(block_id, [("out", output)])
         run.put(block_id, "attn", attn)
         run.put(block_id, "out", output)
         run.reset_staleness(block_id, x.shape[1], x.device)
@@ -332,7 +417,7 @@ class FluxFamilyAdapter:
         (partly refreshed) cached output."""
         x = args["img"]
         if index.numel():
-            qkv, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(x[:, index]), 1 + mod.scale, mod.shift)),
+            qkv, mlp = torch.split(block.linear1(_modulate(block.pre_norm(x[:, index]), _take(mod, index))),
                                    [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
             if attend:
                 q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)

@@ -1,0 +1,34 @@
+"""HiDream-I1 (full, dev, fast) and E1: each HiDreamImageBlock wraps a double- or
+single-stream block whose attention (attn1) and feed-forwards are submodules.
+The image feed-forward ff_i is a mixture of experts with per-token routing, so
+it runs on a token subset like any MLP; ff_t is the text stream's feed-forward.
+Double-stream attention returns (image, text) and is reused whole."""
+from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
+
+
+def _input(args, kwargs, position, name):
+    return args[position] if len(args) > position else kwargs[name]
+
+
+def _skipped_double_block(args, kwargs):
+    # the model keeps the first text tokens of what comes back and replaces the rest
+    return _input(args, kwargs, 0, "image_tokens"), _input(args, kwargs, 2, "text_tokens")
+
+
+def _skipped_single_block(args, kwargs):
+    # the model cuts the Llama tokens appended for this block off what comes back
+    return _input(args, kwargs, 0, "image_tokens")
+
+
+def adapter(diffusion_model, family):
+    return ModulewiseAdapter(diffusion_model, family, [
+        BlockGroup("double_stream_blocks", (
+            CachedModule("block.attn1", REUSE),
+            CachedModule("block.ff_i", SUBSET),
+            CachedModule("block.ff_t", SUBSET, stream=1),
+        ), _skipped_double_block),
+        BlockGroup("single_stream_blocks", (
+            CachedModule("block.attn1", REUSE),
+            CachedModule("block.ff_i", SUBSET),
+        ), _skipped_single_block),
+    ])

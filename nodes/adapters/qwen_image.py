@@ -1,0 +1,22 @@
+"""Qwen-Image (text-to-image, Edit, Edit 2511, Layered): QwenImageTransformerBlock
+calls its joint attention and its image and text MLPs as submodules. The joint
+attention returns (image, text) and is reused whole; img_mlp follows the
+image-token selection, txt_mlp the text-token one. Reference images of the Edit
+models are image tokens, and 2511's timestep-zero modulation of them is applied
+by the block itself."""
+from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
+
+
+def _skipped_block(args, kwargs):
+    # the model calls its blocks by keyword and reads back (text, image)
+    image = args[0] if args else kwargs["hidden_states"]
+    text = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
+    return text, image
+
+
+def adapter(diffusion_model, family):
+    return ModulewiseAdapter(diffusion_model, family, [BlockGroup("transformer_blocks", (
+        CachedModule("attn", REUSE, input_name="hidden_states"),
+        CachedModule("img_mlp", SUBSET),
+        CachedModule("txt_mlp", SUBSET, stream=1),
+    ), _skipped_block)])
