@@ -30,7 +30,13 @@ EXPECTED = {
     "hidream": ("comfy.ldm.hidream.model.HiDreamImageTransformer2DModel", None),   # sizes from the file
     "sd3": ("comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper", None),
     "sd35_medium": ("comfy.ldm.modules.diffusionmodules.mmdit.OpenAISignatureMMDITWrapper", None),
+    "pixart_sigma": ("comfy.ldm.pixart.pixartms.PixArtMS", None),
+    "pixart_alpha": ("comfy.ldm.pixart.pixartms.PixArtMS", None),
+    "ltxv": ("comfy.ldm.lightricks.model.LTXVModel", None),
 }
+# Pixel size to sample at where 64 x 64 does not do: PixArtMS's position embedding is NaN for a
+# latent side sum under 66.
+SAMPLE_SIZE = {"pixart_sigma": (512, 16), "pixart_alpha": (512, 16)}
 
 
 def test_every_family_is_covered():
@@ -61,12 +67,21 @@ def test_comfy_detects_the_family(loaded, family):
         assert diffusion_model.params.guidance_embed is guidance_embed
 
 
+def test_pixart_alpha_is_told_from_sigma_by_its_size_embedders(loaded):
+    for family, config, micro_conditioning in (("pixart_alpha", "PixArtAlpha", True), ("pixart_sigma", "PixArtSigma", False)):
+        model = loaded(family).model
+        assert type(model.model_config).__name__ == config
+        assert model.diffusion_model.micro_conditioning is micro_conditioning
+
+
 @pytest.mark.parametrize("family", sorted(EXPECTED))
 def test_sampling_is_finite_and_follows_the_seed(loaded, family):
     # cfg 1 skips the uncond pass: Chroma's pinned 5120-wide approximator dominates the run time.
     patcher = loaded(family)
-    first, other = (tiny_models.sample(patcher, family, steps=2, seed=seed, cfg=1.0) for seed in (0, 1))
-    assert first.shape == tiny_models.empty_latent(family, 64, 64)["samples"].shape
+    width, height = SAMPLE_SIZE.get(family, (64, 64))
+    first, other = (tiny_models.sample(patcher, family, steps=2, seed=seed, cfg=1.0, width=width, height=height)
+                    for seed in (0, 1))
+    assert first.shape == tiny_models.empty_latent(family, width, height)["samples"].shape
     assert torch.isfinite(first).all()
     assert not torch.allclose(first, other)
 
