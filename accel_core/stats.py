@@ -1,5 +1,6 @@
 """Work accounting of one sampling run: what was computed, against what an
 uncached run computes, and the speedup that implies."""
+import logging
 from dataclasses import dataclass, field
 
 from .schedule import StepKind
@@ -33,6 +34,11 @@ class WorkStats:
             return False
         self.notes.append(message)
         return True
+
+    def warn_once(self, message: str) -> None:
+        """A fallback users should hear about: noted, and logged the first time."""
+        if self.note_once(message):
+            logging.warning(message)
 
     def counts(self) -> dict:
         values = list(self.step_kinds.values())

@@ -12,7 +12,7 @@ import comfy.patcher_extension
 from ..accel_core.config import CacheConfig
 from ..accel_core.run import CacheRun
 from ..accel_core.tokencache import TokenPlanner, importance_curve
-from .families import adapter_for
+from .families import adapter_for, tokencache_adapter_for
 
 WRAPPER_KEY = "dit_token_cache"
 SETTINGS_KEY = "dit_token_cache"      # in transformer_options: this model's TokenCacheSettings
@@ -124,12 +124,9 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
     (config.mode "tokencache") takes an optional learned predictor and its
     calibration; without one, tokens are scored by their change ("change") or
     at random ("random", a baseline for comparisons)."""
-    adapter = adapter_for(model)
+    adapter = tokencache_adapter_for(model) if config.mode == "tokencache" else adapter_for(model)
     planner_args = None
     if config.mode == "tokencache":
-        if not adapter.tokencache:
-            raise ValueError(f"TokenCache supports the Flux family (Flux, Chroma, HunyuanVideo) so far, not "
-                             f"{adapter.family}; use DuCa Cache for {adapter.family} models")
         planner_args = (adapter.block_count, predictor, fallback)
     if config.selector not in adapter.selectors:
         raise ValueError(f"selector={config.selector!r} is not available for {adapter.family} models "

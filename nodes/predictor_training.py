@@ -20,7 +20,7 @@ import comfy.sample
 import comfy.utils
 
 from ..accel_core.tokencache import CachePredictor, soft_reuse_loss
-from .families import adapter_for
+from .families import tokencache_adapter_for
 
 TOKEN_LAYOUT = "cat(txt, img): the tokens entering the first double-stream block"
 
@@ -103,7 +103,7 @@ class _Recorder:
 
 def record_trajectory(model, positive, negative, latent: dict, settings: TrainingSettings, seed: int):
     """Evaluations of one real sampling run (uncached) with noise seed `seed`."""
-    adapter = adapter_for(model)
+    adapter = tokencache_adapter_for(model)
     recorder = _Recorder(adapter, settings.max_tokens, torch.Generator().manual_seed(seed))
     recording = model.clone()
     recorder.install(recording)
@@ -181,9 +181,7 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
     """Train a predictor for `model`; returns (predictor, metadata for the file).
     `progress(iteration, total, loss)` is called after every iteration; ComfyUI's
     cancel raises out of here between iterations."""
-    adapter = adapter_for(model)
-    if not adapter.tokencache:
-        raise ValueError(f"TokenCache supports the Flux family (Flux, Chroma, HunyuanVideo) so far, not {adapter.family}")
+    adapter = tokencache_adapter_for(model)
     # ComfyUI runs nodes under inference mode: the predictor trains outside it
     with torch.inference_mode(False), torch.enable_grad():
         predictor, losses, trajectory, last_evaluations = _optimise(model, positive, negative, latent, settings,
@@ -207,9 +205,7 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
 
 def predictor_expectations(model) -> dict:
     """What a predictor file must have been trained for to drive `model`."""
-    adapter = adapter_for(model)
-    if not adapter.tokencache:
-        raise ValueError(f"TokenCache supports the Flux family (Flux, Chroma, HunyuanVideo) so far, not {adapter.family}")
+    adapter = tokencache_adapter_for(model)
     return {"family": adapter.family, "hidden_size": adapter.hidden, "blocks": adapter.block_count,
             "token_layout": TOKEN_LAYOUT}
 

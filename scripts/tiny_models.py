@@ -22,7 +22,7 @@ import importlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 from pathlib import Path
 
@@ -190,6 +190,21 @@ def _hidream_llama(batch: int, seed: int, stream: int) -> dict:
     the hidden states of all Llama 3.1 8B layers, [batch, 32, tokens, 4096]."""
     return {"conditioning_llama3": _randn((batch, _HIDREAM_LLAMA_LAYERS, 16, 4096), seed, stream + 20)}
 
+
+_WAN_T2V = FamilySpec(
+    model_class="comfy.ldm.wan.model.WanModel",
+    config=_WAN_CONFIG,
+    sizes=_WAN_SIZES,
+    tunable=frozenset({"dim", "ffn_dim", "num_layers", "dtype"}),
+    latent_format="Wan21",
+    pooled_dim=None,
+    guidance=None,
+    default_cfg=5.0,
+    default_frames=_WAN_FRAMES,
+    hidden_key="dim",
+    context_key="text_dim",
+    metadata_config=("text_dim",),
+)
 
 FAMILIES = {
     # Qwen-Image: detection reads only in_channels and the block count; everything else is the 20B
@@ -404,53 +419,14 @@ FAMILIES = {
     ),
 
     # Wan 2.1 / 2.2 14B text-to-video layout (also each model of 2.2's high/low-noise pair).
-    "wan_t2v": FamilySpec(
-        model_class="comfy.ldm.wan.model.WanModel",
-        config=_WAN_CONFIG,
-        sizes=_WAN_SIZES,
-        tunable=frozenset({"dim", "ffn_dim", "num_layers", "dtype"}),
-        latent_format="Wan21",
-        pooled_dim=None,
-        guidance=None,
-        default_cfg=5.0,
-        default_frames=_WAN_FRAMES,
-        hidden_key="dim",
-        context_key="text_dim",
-        metadata_config=("text_dim",),
-    ),
+    "wan_t2v": _WAN_T2V,
     # Wan 2.1 image-to-video: image latent + mask concatenated to the input (16 + 4 + 16
     # channels), CLIP vision tokens through img_emb into the i2v cross-attention.
-    "wan_i2v": FamilySpec(
-        model_class="comfy.ldm.wan.model.WanModel",
-        config={**_WAN_CONFIG, "model_type": "i2v", "in_dim": 36},
-        sizes=_WAN_SIZES,
-        tunable=frozenset({"dim", "ffn_dim", "num_layers", "dtype"}),
-        latent_format="Wan21",
-        pooled_dim=None,
-        guidance=None,
-        default_cfg=5.0,
-        default_frames=_WAN_FRAMES,
-        hidden_key="dim",
-        context_key="text_dim",
-        extra_conditioning=_wan_i2v_image,
-        metadata_config=("text_dim",),
-    ),
+    "wan_i2v": replace(_WAN_T2V, config={**_WAN_CONFIG, "model_type": "i2v", "in_dim": 36},
+                       extra_conditioning=_wan_i2v_image),
     # Wan 2.2 TI2V 5B: 48-channel latent (16x spatial), start frame kept through per-frame timesteps.
-    "wan22_ti2v": FamilySpec(
-        model_class="comfy.ldm.wan.model.WanModel",
-        config={**_WAN_CONFIG, "in_dim": 48, "out_dim": 48},
-        sizes=_WAN_SIZES,
-        tunable=frozenset({"dim", "ffn_dim", "num_layers", "dtype"}),
-        latent_format="Wan22",
-        pooled_dim=None,
-        guidance=None,
-        default_cfg=5.0,
-        default_frames=_WAN_FRAMES,
-        hidden_key="dim",
-        context_key="text_dim",
-        metadata_config=("text_dim",),
-        start_latent=_wan22_start_frame,
-    ),
+    "wan22_ti2v": replace(_WAN_T2V, config={**_WAN_CONFIG, "in_dim": 48, "out_dim": 48}, latent_format="Wan22",
+                          start_latent=_wan22_start_frame),
     # PixArt-Sigma (PixArtMS). Detection fixes the width (1152, 16 heads of 72), 4 latent channels
     # and the T5 text width (4096: not read from the weights, no metadata override); the depth and
     # the text length (y_embedding rows) are free. Latents under 33 x 33 make PixArtMS's position

@@ -31,3 +31,13 @@ def model_dir(tmp_path_factory):
     path = Path(os.environ.get("DTC_MODEL_CACHE", REPO / ".dtc" / "models"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_dir):
+    """family -> ComfyUI MODEL of its tiny checkpoint, loaded through ComfyUI's detection."""
+    import tiny_models
+
+    def load(family):
+        return tiny_models.load(family, tiny_models.build_checkpoint(family, model_dir / f"{family}_tiny.safetensors"))
+    return load

@@ -19,10 +19,8 @@ CASES = {
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def family_model(request, model_dir):
-    family = request.param
-    path = tiny_models.build_checkpoint(family, model_dir / f"{family}_tiny.safetensors")
-    return family, tiny_models.load(family, path)
+def family_model(request, tiny_model):
+    return request.param, tiny_model(request.param)
 
 
 def _sample(family, model, **kw):

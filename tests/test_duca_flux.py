@@ -7,38 +7,26 @@ import comfy.sample
 import comfy.sd
 import nodes
 import tiny_models
+from flux_block_checks import Capture, duca, fail_on_fallback, rel_l2, stats_of, two_step_run
 
 from dit_token_cache.accel_core.config import CacheConfig
 from dit_token_cache.accel_core.run import CacheRun
 from dit_token_cache.accel_core.schedule import CacheSchedule, StepKind
 from dit_token_cache.nodes.adapters.flux import FluxFamilyAdapter
 from dit_token_cache.nodes.duca_node import DuCaCacheNode
-from dit_token_cache.nodes.patcher import RUN_KEY, SETTINGS_KEY, apply_token_cache
+from dit_token_cache.nodes.patcher import RUN_KEY, SETTINGS_KEY
 
 FAMILY = "flux_dev"
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def flux(model_dir):
-    path = tiny_models.build_checkpoint(FAMILY, model_dir / "flux_dev_tiny.safetensors")
-    return tiny_models.load(FAMILY, path)
-
-
-def duca(model, **settings):
-    return apply_token_cache(model, CacheConfig(**settings))
-
-
-def stats_of(patched):
-    return patched.model_options["transformer_options"][SETTINGS_KEY].last_run.stats
+def flux(tiny_model):
+    return tiny_model(FAMILY)
 
 
 def sample(model, **kw):
     return tiny_models.sample(model, FAMILY, **{"steps": STEPS, "cfg": 2.0, "seed": 3, **kw})
-
-
-def rel_l2(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 # -- exactness where nothing is cached ---------------------------------------------
@@ -62,32 +50,6 @@ def test_node_returns_patched_clone_and_leaves_input_model_alone(flux):
 
 # -- the conservative step against an independent computation of the method ------------------
 
-class _Capture:
-    """Forward hooks on a block's own submodules, during the ORIGINAL block's call."""
-
-    def __init__(self, modules):
-        self.out, self.inp = {}, {}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name):
-        def hook(module, inputs, output):
-            self.inp[name], self.out[name] = inputs[0].detach().clone(), output.detach().clone()
-        return hook
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
-def _fail(_args):
-    raise AssertionError("the adapter fell back to the original block")
-
-
-def _two_step_run(cache_ratio):
-    # steps: full (sigma 1.0), aggressive (0.6), conservative (0.3)
-    return CacheRun(CacheConfig(cycle_length=3, cache_ratio=cache_ratio, seed=5), [1.0, 0.6, 0.3, 0.0], 1.0, 0.0)
-
-
 def _inputs(dm, rows=2, txt_len=5, grid=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = dm.hidden_size
@@ -105,7 +67,7 @@ def test_double_block_full_and_conservative_steps(flux):
     dm = flux.model.diffusion_model
     block = dm.double_blocks[1]
     adapter = FluxFamilyAdapter(dm, "Flux")
-    run = _two_step_run(cache_ratio=0.7)
+    run = two_step_run(cache_ratio=0.7)
     img, txt, pe, vec_a, vec_b = _inputs(dm)
     uuids = ["cond", "uncond"]
 
@@ -114,8 +76,8 @@ def test_double_block_full_and_conservative_steps(flux):
 
     # full step: the adapter's own computation equals ComfyUI's block bit for bit
     assert run.begin_forward(1.0, uuids, ("sig",)).kind is StepKind.FULL
-    ours = adapter.double_block(run, 1, args(img, txt, vec_a), _fail)
-    capture = _Capture({"img_proj": block.img_attn.proj, "txt_proj": block.txt_attn.proj,
+    ours = adapter.double_block(run, 1, args(img, txt, vec_a), fail_on_fallback)
+    capture = Capture({"img_proj": block.img_attn.proj, "txt_proj": block.txt_attn.proj,
                         "img_mlp": block.img_mlp, "txt_mlp": block.txt_mlp})
     ref_img, ref_txt = block(img=img.clone(), txt=txt.clone(), vec=vec_a, pe=pe, attn_mask=None, transformer_options={})
     capture.close()
@@ -126,7 +88,7 @@ def test_double_block_full_and_conservative_steps(flux):
     # conservative step on new inputs and a new timestep vector
     img_b, txt_b = img + 0.3 * torch.randn_like(img), txt + 0.3 * torch.randn_like(txt)
     assert run.begin_forward(0.3, uuids, ("sig",)).kind is StepKind.CONSERVATIVE
-    out = adapter.double_block(run, 1, args(img_b, txt_b, vec_b), _fail)
+    out = adapter.double_block(run, 1, args(img_b, txt_b, vec_b), fail_on_fallback)
     index = run.last_selection[1]
     tokens = txt.shape[1] + img.shape[1]
     assert index.numel() == CacheConfig(cache_ratio=0.7).recompute_count(tokens) > 0
@@ -164,7 +126,7 @@ def test_single_block_full_and_conservative_steps(flux):
     dm = flux.model.diffusion_model
     block = dm.single_blocks[0]
     adapter = FluxFamilyAdapter(dm, "Flux")
-    run = _two_step_run(cache_ratio=0.6)
+    run = two_step_run(cache_ratio=0.6)
     img, txt, pe, vec_a, vec_b = _inputs(dm, seed=1)
     x = torch.cat((txt, img), dim=1)
     uuids = ["cond", "uncond"]
@@ -174,8 +136,8 @@ def test_single_block_full_and_conservative_steps(flux):
         return {"img": v.clone(), "vec": vec, "pe": pe, "attn_mask": None, "transformer_options": {}}
 
     run.begin_forward(1.0, uuids, ("sig",))
-    ours = adapter.single_block(run, 0, args(x, vec_a), _fail)
-    capture = _Capture({"linear2": block.linear2})
+    ours = adapter.single_block(run, 0, args(x, vec_a), fail_on_fallback)
+    capture = Capture({"linear2": block.linear2})
     ref = block(x.clone(), vec=vec_a, pe=pe, attn_mask=None, transformer_options={})
     capture.close()
     assert torch.equal(ours["img"], ref)
@@ -184,7 +146,7 @@ def test_single_block_full_and_conservative_steps(flux):
 
     x_b = x + 0.3 * torch.randn_like(x)
     assert run.begin_forward(0.3, uuids, ("sig",)).kind is StepKind.CONSERVATIVE
-    out = adapter.single_block(run, 0, args(x_b, vec_b), _fail)
+    out = adapter.single_block(run, 0, args(x_b, vec_b), fail_on_fallback)
     pick = run.last_selection[block_id]
     assert pick.numel() == CacheConfig(cache_ratio=0.6).recompute_count(x.shape[1]) > 0
 
@@ -366,7 +328,7 @@ def test_per_token_modulation_of_unknown_layout_falls_back_to_full_compute_and_s
     Known layouts are cached (tests/test_flux_kontext.py)."""
     dm = flux.model.diffusion_model
     adapter = FluxFamilyAdapter(dm, "Flux")
-    run = _two_step_run(cache_ratio=0.7)
+    run = two_step_run(cache_ratio=0.7)
     img, txt, pe, vec_a, vec_b = _inputs(dm)
     calls = []
 
@@ -427,10 +389,10 @@ def test_query_subset_variant_recomputing_every_token_equals_full_compute(flux, 
             run.begin_forward(sigma, ["cond", "uncond"], ("sig",))
             if kind == "double":
                 out = adapter.double_block(run, 0, {"img": i.clone(), "txt": t.clone(), "vec": vec, "pe": pe,
-                                                    "attn_mask": None, "transformer_options": {}}, _fail)["img"]
+                                                    "attn_mask": None, "transformer_options": {}}, fail_on_fallback)["img"]
             else:
                 out = adapter.single_block(run, 0, {"img": torch.cat((t, i), 1), "vec": vec, "pe": pe,
-                                                    "attn_mask": None, "transformer_options": {}}, _fail)["img"]
+                                                    "attn_mask": None, "transformer_options": {}}, fail_on_fallback)["img"]
             run.put_final(torch.zeros(2, 1, 1))
             run.end_forward()
         outputs[variant] = out

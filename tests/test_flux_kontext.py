@@ -11,15 +11,14 @@ import torch
 
 import comfy.sample
 import tiny_models
+from flux_block_checks import Capture, duca, fail_on_fallback, rel_l2, stats_of, two_step_run
 from comfy.ldm.flux.model import invert_slices
 from comfy_extras.nodes_edit_model import ReferenceLatent
 from comfy_extras.nodes_flux import FluxKontextMultiReferenceLatentMethod
 
 from dit_token_cache.accel_core.config import CacheConfig
-from dit_token_cache.accel_core.run import CacheRun
 from dit_token_cache.accel_core.schedule import StepKind
 from dit_token_cache.nodes.adapters.flux import FluxFamilyAdapter
-from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
 
 FAMILY = "flux2"
 STEPS = 6
@@ -27,8 +26,8 @@ REFERENCE_SHAPE = (1, 128, 4, 4)     # 16 reference tokens next to the 16 tokens
 
 
 @pytest.fixture(scope="module")
-def flux2(model_dir):
-    return tiny_models.load(FAMILY, tiny_models.build_checkpoint(FAMILY, model_dir / f"{FAMILY}_tiny.safetensors"))
+def flux2(tiny_model):
+    return tiny_model(FAMILY)
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +40,6 @@ def kontext(flux2):
         (cond,) = FluxKontextMultiReferenceLatentMethod.execute(cond, "index_timestep_zero")
         conds.append(cond)
     return tuple(conds)
-
-
-def duca(model, **settings):
-    return apply_token_cache(model, CacheConfig(**settings))
-
-
-def stats_of(patched):
-    return patched.model_options["transformer_options"][SETTINGS_KEY].last_run.stats
-
-
-def rel_l2(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def run_sampler(model, family, positive, negative, cfg, steps=STEPS, width=64, height=64, frames=None):
@@ -108,11 +95,11 @@ def test_duca_caches_reference_images_at_timestep_zero(flux2, kontext):
     assert rel_l2(out, base) < 0.5
 
 
-def test_hunyuan_video_guiding_frame_is_cached(model_dir):
+def test_hunyuan_video_guiding_frame_is_cached(tiny_model):
     """HunyuanVideo i2v "v2 (replace)": the guiding frame's tokens take another
     modulation row, passed to the blocks as modulation_dims."""
     family = "hunyuan_video"
-    model = tiny_models.load(family, tiny_models.build_checkpoint(family, model_dir / f"{family}_tiny.safetensors"))
+    model = tiny_model(family)
     positive, negative = tiny_models.conditioning(family, model)
     positive = [[positive[0][0], {**positive[0][1], "guiding_frame_index": 0}]]
 
@@ -140,32 +127,6 @@ def test_hunyuan_video_guiding_frame_is_cached(model_dir):
 
 
 # -- the conservative step against an independent computation, per-token modulation ----------
-
-class _Capture:
-    """Forward hooks on a block's own submodules, during the ORIGINAL block's call."""
-
-    def __init__(self, modules):
-        self.out, self.inp = {}, {}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name):
-        def hook(module, inputs, output):
-            self.inp[name], self.out[name] = inputs[0].detach().clone(), output.detach().clone()
-        return hook
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
-def _fail(_args):
-    raise AssertionError("the adapter fell back to the original block")
-
-
-def _two_step_run(cache_ratio):
-    # steps: full (sigma 1.0), aggressive (0.6), conservative (0.3)
-    return CacheRun(CacheConfig(cycle_length=3, cache_ratio=cache_ratio, seed=5), [1.0, 0.6, 0.3, 0.0], 1.0, 0.0)
-
 
 TXT, IMG, REFS = 5, 12, 6     # the last REFS image tokens are a reference image
 
@@ -206,7 +167,7 @@ def test_double_block_full_and_conservative_steps(flux2):
     dm = flux2.model.diffusion_model
     block = dm.double_blocks[1]
     adapter = FluxFamilyAdapter(dm, "Flux")
-    run = _two_step_run(cache_ratio=0.5)
+    run = two_step_run(cache_ratio=0.5)
     img, txt, pe, (orig_a, orig_b) = _inputs(dm)
     uuids = ["cond", "uncond"]
 
@@ -218,8 +179,8 @@ def test_double_block_full_and_conservative_steps(flux2):
 
     # full step that fills the cache: bit for bit ComfyUI's block with modulation_dims_img
     assert run.begin_forward(1.0, uuids, ("sig",)).kind is StepKind.FULL
-    ours = adapter.double_block(run, 1, args(img, txt, vec(orig_a)), _fail)
-    capture = _Capture({"img_proj": block.img_attn.proj, "txt_proj": block.txt_attn.proj,
+    ours = adapter.double_block(run, 1, args(img, txt, vec(orig_a)), fail_on_fallback)
+    capture = Capture({"img_proj": block.img_attn.proj, "txt_proj": block.txt_attn.proj,
                         "img_mlp": block.img_mlp, "txt_mlp": block.txt_mlp})
     ref_img, ref_txt = block(img=img.clone(), txt=txt.clone(), vec=vec(orig_a), pe=pe, attn_mask=None,
                              modulation_dims_img=_comfy_dims(), transformer_options={})
@@ -230,7 +191,7 @@ def test_double_block_full_and_conservative_steps(flux2):
 
     img_b, txt_b = img + 0.3 * torch.randn_like(img), txt + 0.3 * torch.randn_like(txt)
     assert run.begin_forward(0.3, uuids, ("sig",)).kind is StepKind.CONSERVATIVE
-    out = adapter.double_block(run, 1, args(img_b, txt_b, vec(orig_b)), _fail)
+    out = adapter.double_block(run, 1, args(img_b, txt_b, vec(orig_b)), fail_on_fallback)
     index = run.last_selection[1]
     assert index.numel() == CacheConfig(cache_ratio=0.5).recompute_count(TXT + IMG) > 0
     img_pick, txt_pick = index[index >= TXT] - TXT, index[index < TXT]
@@ -262,7 +223,7 @@ def test_single_block_full_and_conservative_steps(flux2):
     dm = flux2.model.diffusion_model
     block = dm.single_blocks[0]
     adapter = FluxFamilyAdapter(dm, "Flux")
-    run = _two_step_run(cache_ratio=0.5)
+    run = two_step_run(cache_ratio=0.5)
     img, txt, pe, (orig_a, orig_b) = _inputs(dm, seed=1)
     x = torch.cat((txt, img), dim=1)
     tokens = TXT + IMG
@@ -274,8 +235,8 @@ def test_single_block_full_and_conservative_steps(flux2):
                 "transformer_options": _options()}
 
     run.begin_forward(1.0, uuids, ("sig",))
-    ours = adapter.single_block(run, 0, args(x, orig_a), _fail)
-    capture = _Capture({"linear2": block.linear2})
+    ours = adapter.single_block(run, 0, args(x, orig_a), fail_on_fallback)
+    capture = Capture({"linear2": block.linear2})
     ref = block(x.clone(), vec=dm.single_stream_modulation(orig_a)[0], pe=pe, attn_mask=None,
                 modulation_dims=_comfy_dims(offset=TXT), transformer_options={})
     capture.close()
@@ -285,7 +246,7 @@ def test_single_block_full_and_conservative_steps(flux2):
 
     x_b = x + 0.3 * torch.randn_like(x)
     assert run.begin_forward(0.3, uuids, ("sig",)).kind is StepKind.CONSERVATIVE
-    out = adapter.single_block(run, 0, args(x_b, orig_b), _fail)
+    out = adapter.single_block(run, 0, args(x_b, orig_b), fail_on_fallback)
     pick = run.last_selection[block_id]
     assert pick.numel() == CacheConfig(cache_ratio=0.5).recompute_count(tokens) > 0
     assert (pick >= tokens - REFS).any() and (pick < tokens - REFS).any()

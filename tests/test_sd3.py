@@ -32,8 +32,8 @@ def _reference_half(half, x, c, full, index):
 
 
 @pytest.mark.parametrize("family", ["sd3", "sd35_medium"])
-def test_conservative_joint_block_matches_a_reference_from_its_halves(family, model_dir):
-    model = tiny_models.load(family, tiny_models.build_checkpoint(family, model_dir / f"{family}_tiny.safetensors"))
+def test_conservative_joint_block_matches_a_reference_from_its_halves(family, tiny_model):
+    model = tiny_model(family)
     patched = apply_token_cache(model, CacheConfig(mode="toca", cycle_length=3, cache_ratio=0.75))
     settings = patched.model_options["transformer_options"][SETTINGS_KEY]
     blocks = model.model.diffusion_model.joint_blocks

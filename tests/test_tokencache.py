@@ -29,8 +29,8 @@ TRAINING = dict(seed=0, steps=6, cfg=2.0, iterations=30, learning_rate=3e-3, cos
 
 
 @pytest.fixture(scope="module")
-def flux(model_dir):
-    return tiny_models.load(FAMILY, tiny_models.build_checkpoint(FAMILY, model_dir / f"{FAMILY}_tiny.safetensors"))
+def flux(tiny_model):
+    return tiny_model(FAMILY)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_cancel_stops_training_and_writes_nothing(flux, predictor_dir):
     assert not any(p.name.startswith("cancelled") or p.name.startswith(".cancelled") for p in predictor_dir.iterdir())
 
 
-def test_tokencache_refuses_families_it_does_not_cover_yet(model_dir):
-    wan = tiny_models.load("wan_t2v", tiny_models.build_checkpoint("wan_t2v", model_dir / "wan_t2v_tiny.safetensors"))
+def test_tokencache_refuses_families_it_does_not_cover_yet(tiny_model):
+    wan = tiny_model("wan_t2v")
     with pytest.raises(ValueError, match="TokenCache supports the Flux family.*not Wan"):
         apply_token_cache(wan, CacheConfig(mode="tokencache"))

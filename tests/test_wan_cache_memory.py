@@ -14,8 +14,8 @@ SIZE = dict(width=64, height=64, frames=9)
 
 
 @pytest.fixture(scope="module")
-def model(model_dir):
-    return tiny_models.load(FAMILY, tiny_models.build_checkpoint(FAMILY, model_dir / f"{FAMILY}_tiny.safetensors"))
+def model(tiny_model):
+    return tiny_model(FAMILY)
 
 
 @pytest.mark.parametrize("selector", ["random", "similarity"])

@@ -10,7 +10,6 @@ the MLP runs on the selected tokens only. Modulation that ComfyUI applies per
 token range (Kontext reference images at timestep zero, HunyuanVideo i2v) is
 gathered per token, so token subsets work the same way.
 """
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -319,8 +318,7 @@ class FluxFamilyAdapter:
             reason = "another node patches this model's attention"
         if reason is None:
             return True
-        if run.stats.note_once(f"{run.name}: {self.family} blocks with {reason} compute in full"):
-            logging.warning(run.stats.notes[-1])
+        run.stats.warn_once(f"{run.name}: {self.family} blocks with {reason} compute in full")
         return False
 
     # -- selection features ---------------------------------------------------------

@@ -10,11 +10,7 @@ mask of keyframe conditioning goes to attn1 only, which is reused.
 
 LTX-2 (LTXAVModel, audio and video) is another class with other blocks and is
 not covered here."""
-from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
-
-
-def _block_input(args, kwargs):
-    return args[0] if args else kwargs["x"]
+from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter, block_input
 
 
 def adapter(diffusion_model, family):
@@ -22,4 +18,4 @@ def adapter(diffusion_model, family):
         CachedModule("attn1", REUSE),
         CachedModule("attn2", SUBSET),
         CachedModule("ff", SUBSET),
-    ), _block_input)])
+    ), block_input)])

@@ -2,14 +2,13 @@
 each JointTransformerBlock of `layers` runs one stream of text and image tokens
 through `attention` and `feed_forward` submodules. The refiner blocks before it
 (text alone, image alone) are few and always computed."""
-from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
+from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter, block_input
 
 
 def _skipped_block(args, kwargs):
-    x = args[0] if args else kwargs["x"]
     # a copy: "double_block" patches (Z-Image Fun ControlNet) write into the block's
     # output in place, and the first block's input is also kept as img_input
-    return x.clone()
+    return block_input(args, kwargs).clone()
 
 
 def adapter(diffusion_model, family):

@@ -17,7 +17,6 @@ included. A family adapter only declares which submodules play which role:
 Aggressive steps skip the blocks: each returns its input, the last one the
 cached output of the last computed step.
 """
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -46,6 +45,12 @@ class BlockGroup:
     path: str                                   # ModuleList in the diffusion model, e.g. "blocks"
     modules: Sequence[CachedModule]
     passthrough: Callable[[tuple, dict], Any]   # what a block returns when skipped: its input, in its output structure
+
+
+def block_input(args, kwargs):
+    """The token input of a block called as block(x, ...) or block(x=...): what
+    most single-stream blocks return unchanged when skipped."""
+    return args[0] if args else kwargs["x"]
 
 
 def _linear_flops(module, context_linears=()) -> int:
@@ -193,8 +198,7 @@ class ModulewiseAdapter:
             reason = "a token count that changed since the last full step"
         if reason is None:
             return True
-        if run.stats.note_once(f"{run.name}: {self.family} {spec.path} with {reason} computes in full"):
-            logging.warning(run.stats.notes[-1])
+        run.stats.warn_once(f"{run.name}: {self.family} {spec.path} with {reason} computes in full")
         return False
 
     def _get_output(self, run, block_id, key, device):

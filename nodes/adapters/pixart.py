@@ -6,11 +6,7 @@ patches of the modulewise engine are the only way in.
 As in the research method, self-attention is reused at conservative steps and
 cross-attention is recomputed for the selected queries (its keys and values
 come from the text, so every query's output depends on that query alone)."""
-from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
-
-
-def _block_input(args, kwargs):
-    return args[0] if args else kwargs["x"]
+from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter, block_input
 
 
 def adapter(diffusion_model, family):
@@ -18,4 +14,4 @@ def adapter(diffusion_model, family):
         CachedModule("attn", REUSE),
         CachedModule("cross_attn", SUBSET),
         CachedModule("mlp", SUBSET),
-    ), _block_input)])
+    ), block_input)])

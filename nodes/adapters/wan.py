@@ -1,14 +1,10 @@
 """Wan 2.1 / 2.2 (text- and image-to-video, the 5B TI2V): WanAttentionBlock
 calls self_attn, cross_attn and ffn as submodules. Per-token timesteps (2.2
 TI2V's first frame) are applied by the block itself, so nothing falls back."""
-from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
+from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter, block_input
 
 # keys and values of the text (and, for i2v, the CLIP image) context, not of the video tokens
 _CONTEXT_LINEARS = ("k", "v", "k_img", "v_img")
-
-
-def _block_input(args, kwargs):
-    return args[0] if args else kwargs["x"]
 
 
 def adapter(diffusion_model, family):
@@ -16,4 +12,4 @@ def adapter(diffusion_model, family):
         CachedModule("self_attn", REUSE),
         CachedModule("cross_attn", SUBSET, context_linears=_CONTEXT_LINEARS),
         CachedModule("ffn", SUBSET),
-    ), _block_input)])
+    ), block_input)])
