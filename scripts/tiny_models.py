@@ -206,6 +206,20 @@ _WAN_T2V = FamilySpec(
     metadata_config=("text_dim",),
 )
 
+_PIXART_SIGMA = FamilySpec(
+    model_class="comfy.ldm.pixart.pixartms.PixArtMS",
+    config=_PIXART_CONFIG,
+    sizes=_PIXART_SIZES,
+    tunable=_PIXART_TUNABLE,
+    latent_format="SDXL",
+    pooled_dim=None,
+    guidance=None,
+    default_cfg=4.5,
+    context_key="caption_channels",
+    head_dim=72,
+    learned_buffers=("y_embedder.y_embedding",),
+)
+
 FAMILIES = {
     # Qwen-Image: detection reads only in_channels and the block count; everything else is the 20B
     # model's (24 heads of 128 = width 3072, Qwen2.5-VL text width 3584), so only depth can shrink.
@@ -431,35 +445,11 @@ FAMILIES = {
     # and the T5 text width (4096: not read from the weights, no metadata override); the depth and
     # the text length (y_embedding rows) are free. Latents under 33 x 33 make PixArtMS's position
     # embedding NaN (its interpolation rounds to 0): sample at 272 x 272 pixels or more.
-    "pixart_sigma": FamilySpec(
-        model_class="comfy.ldm.pixart.pixartms.PixArtMS",
-        config=_PIXART_CONFIG,
-        sizes=_PIXART_SIZES,
-        tunable=_PIXART_TUNABLE,
-        latent_format="SDXL",
-        pooled_dim=None,
-        guidance=None,
-        default_cfg=4.5,
-        context_key="caption_channels",
-        head_dim=72,
-        learned_buffers=("y_embedder.y_embedding",),
-    ),
+    "pixart_sigma": _PIXART_SIGMA,
     # PixArt-alpha: the same model plus size and aspect-ratio embedders (micro-conditioning), which
     # is how detection tells it from Sigma.
-    "pixart_alpha": FamilySpec(
-        model_class="comfy.ldm.pixart.pixartms.PixArtMS",
-        config={**_PIXART_CONFIG, "image_model": "pixart_alpha", "micro_condition": True},
-        sizes=_PIXART_SIZES,
-        tunable=_PIXART_TUNABLE,
-        latent_format="SD15",
-        pooled_dim=None,
-        guidance=None,
-        default_cfg=4.5,
-        context_key="caption_channels",
-        head_dim=72,
-        learned_buffers=("y_embedder.y_embedding",),
-        extra_conditioning=_pixart_alpha_size,
-    ),
+    "pixart_alpha": replace(_PIXART_SIGMA, config={**_PIXART_CONFIG, "image_model": "pixart_alpha", "micro_condition": True},
+                            latent_format="SD15", extra_conditioning=_pixart_alpha_size),
     # LTX-Video (LTXVModel). Detection fixes 32 heads (head size = attn2 width // 32), 128 latent
     # channels (patch 1) and takes the text width from the metadata "config" (else T5's 4096): 1024
     # matches LotusConditioning. The model width is 32 x head size and equals cross_attention_dim.
