@@ -17,7 +17,7 @@ import tiny_models
 from dit_token_cache.accel_core.config import CacheConfig
 from dit_token_cache.accel_core.predictor_file import load_predictor
 from dit_token_cache.accel_core.schedule import StepKind
-from dit_token_cache.accel_core.tokencache import importance_curve, place_i_steps
+from dit_token_cache.accel_core.tokencache import allocate_tokens, importance_curve, place_i_steps
 from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
 from dit_token_cache.nodes.predictor_training import TrainingSettings, train_predictor
 from dit_token_cache.nodes.tokencache_nodes import FOLDER, TokenCacheNode, TokenCacheTrainPredictorNode
@@ -92,11 +92,60 @@ def test_learned_plan_differs_from_fallback_and_does_the_asked_work(flux, traine
     assert any(not torch.equal(learned_run.last_selection[b], fallback_run.last_selection[b]) for b in range(blocks - protected))
     for out in (learned, fallback):
         assert torch.isfinite(out).all() and 0 < float((out - base).norm() / base.norm()) < 0.5
+    # the protected last block computes in full at P-steps: it never selects tokens
+    for run in (learned_run, fallback_run):
+        assert sorted(run.last_selection) == list(range(blocks - protected))
     # the fallback spreads the I-steps evenly; the learned run places them by its calibration
     assert _full_steps(fallback_run) == [0, 3, 6]
     importance = importance_curve(load_predictor(trained)[1]["calibration"])
     sigmas = learned_run.schedule.sigmas[:STEPS]
     assert _full_steps(learned_run) == place_i_steps([importance(s) for s in sigmas], 3)
+
+
+def test_learned_selection_is_the_allocation_of_the_predictor_scores(flux, trained):
+    """Independently of the planner: the scores the predictor gave at the last
+    P-step, averaged over the batch and allocated under the global ratio, are
+    the tokens every block recomputed."""
+    (patched,) = TokenCacheNode.execute(flux, "tiny_flux.safetensors", 0.75, 3, 1, 0.0, 1.0).result
+    settings = patched.model_options["transformer_options"][SETTINGS_KEY]
+    predictor = settings.planner_args[1]
+    scores = []
+    handle = predictor.register_forward_hook(lambda module, args, output: scores.append(output.detach()))
+    try:
+        tiny_models.sample(patched, FAMILY, **SAMPLING)
+    finally:
+        handle.remove()
+    run = settings.last_run
+    assert len(scores) == STEPS - 3                     # once per P-step, shared by cond and uncond
+    expected, _ = allocate_tokens(scores[-1].mean(dim=0), 0.75, 1)
+    for block, index in run.last_selection.items():
+        assert torch.equal(index, expected[block]), block
+
+
+def test_fallback_scores_by_output_change_once_two_steps_were_computed(flux):
+    """The last P-step (step 7) follows full steps 3 and 6: its tokens come from
+    how block outputs changed between them, not from the random scores used
+    before two full steps exist."""
+    config = CacheConfig(mode="tokencache", cache_ratio=0.75, i_steps=3, protected_last_blocks=1)
+    runs = {}
+    for fallback in ("change", "random"):
+        patched = apply_token_cache(flux, config, fallback=fallback)
+        tiny_models.sample(patched, FAMILY, **SAMPLING)
+        runs[fallback] = patched.model_options["transformer_options"][SETTINGS_KEY].last_run
+    assert _full_steps(runs["change"]) == [0, 3, 6]
+    assert any(not torch.equal(runs["change"].last_selection[b], runs["random"].last_selection[b]) for b in range(3))
+
+
+def test_calibration_places_the_i_steps(flux):
+    """Importance concentrated at high noise draws the I-steps to the start."""
+    calibration = {"sigmas": [1.0, 0.7, 0.0], "importance": [1.0, 1.0, 0.0]}
+    patched = apply_token_cache(flux, CacheConfig(mode="tokencache", cache_ratio=0.75, i_steps=3, protected_last_blocks=1),
+                                calibration=calibration)
+    tiny_models.sample(patched, FAMILY, **SAMPLING)
+    run = patched.model_options["transformer_options"][SETTINGS_KEY].last_run
+    importance = importance_curve(calibration)
+    expected = place_i_steps([importance(s) for s in run.schedule.sigmas[:STEPS]], 3)
+    assert _full_steps(run) == expected and expected != [0, 3, 6]
 
 
 def _full_steps(run):
