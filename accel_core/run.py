@@ -137,7 +137,8 @@ class CacheRun:
             # one plan per step, from the first cond's rows, so batched and split CFG select alike
             first = self.plan.uuids[:1]
             rows = features.shape[0] // len(self.plan.uuids)
-            changes = [self.store.get(first, (b, "change"), device) if self.store.has(first, (b, "change")) else None
+            changes = [self.store.get(first, (b, "change"), device)
+                       if self.planner.uses_changes and self.store.has(first, (b, "change")) else None
                        for b in range(self.planner.n_blocks)]
             self.step_plans = {step: self.planner.plan(features[:rows], self.sigma, changes, step)}
         index = self.step_plans[step][block_id].to(device)

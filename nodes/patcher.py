@@ -28,7 +28,7 @@ class TokenCacheSettings:
         self.name = name
         self.node_id = node_id
         self.planner_args = planner_args   # TokenCache: (block count, predictor or None, fallback scoring)
-        self.calibration = calibration     # TokenCache: predicted importance by sigma, for the I-steps
+        self.calibration = calibration     # TokenCache: measured reuse cost by sigma, where the I-steps go
         self.last_run = None   # the latest finished run, for its statistics
         self.active_run = None  # the run under way, for patches that get no transformer_options
 
@@ -78,8 +78,13 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original_options
 
 
+def transformer_options_of(args, kwargs) -> dict:
+    """The transformer_options an APPLY_MODEL wrapper got, by keyword or last."""
+    return kwargs.get("transformer_options", args[-1] if args else {})
+
+
 def apply_model_wrapper(executor, x, t, *args, **kwargs):
-    transformer_options = kwargs.get("transformer_options", args[-1] if args else {})
+    transformer_options = transformer_options_of(args, kwargs)
     run: CacheRun = transformer_options.get(RUN_KEY)
     if run is None:
         return executor(x, t, *args, **kwargs)

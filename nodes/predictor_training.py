@@ -21,6 +21,7 @@ import comfy.utils
 
 from ..accel_core.tokencache import CachePredictor, soft_reuse_loss
 from .families import tokencache_adapter_for
+from .patcher import transformer_options_of
 
 TOKEN_LAYOUT = "cat(txt, img): the tokens entering the first double-stream block"
 
@@ -70,7 +71,7 @@ class _Recorder:
                                            self._evaluation)
 
     def _evaluation(self, executor, x, t, *args, **kwargs):
-        transformer_options = kwargs.get("transformer_options", args[-1] if args else {})
+        transformer_options = transformer_options_of(args, kwargs)
         self._sigma, self._features, self._deltas = float(t.flatten()[0]), None, []
         out = executor(x, t, *args, **kwargs)
         if self._features is not None and len(self._deltas) == self.adapter.block_count:
