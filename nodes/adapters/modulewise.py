@@ -17,6 +17,7 @@ included. A family adapter only declares which submodules play which role:
 Aggressive steps skip the blocks: each returns its input, the last one the
 cached output of the last computed step.
 """
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -94,7 +95,7 @@ class ModulewiseAdapter:
         self.family = family
         self.blocks = []      # (object path, block module, group)
         for group in groups:
-            for i, block in enumerate(_get(diffusion_model, group.path)):
+            for i, block in enumerate(diffusion_model.get_submodule(group.path)):
                 self.blocks.append((f"diffusion_model.{group.path}.{i}", block, group))
         if not self.blocks:
             raise ValueError(f"{family} model has no transformer blocks to cache")
@@ -105,12 +106,12 @@ class ModulewiseAdapter:
         current_run = hooks.current_run
         for block_id, (path, block, group) in enumerate(self.blocks):
             forward = model_patcher.get_model_object(f"{path}.forward")
-            model_patcher.add_object_patch(f"{path}.forward", _bind(self._block, current_run, block_id, group, forward))
+            model_patcher.add_object_patch(f"{path}.forward", functools.partial(self._block, current_run, block_id, group, forward))
             for spec in group.modules:
                 module_path = f"{path}.{spec.path}.forward"
                 forward = model_patcher.get_model_object(module_path)
-                flops = _linear_flops(_get(block, spec.work_of or spec.path), spec.context_linears)
-                model_patcher.add_object_patch(module_path, _bind(self._module, current_run, block_id, spec, forward, flops))
+                flops = _linear_flops(block.get_submodule(spec.work_of or spec.path), spec.context_linears)
+                model_patcher.add_object_patch(module_path, functools.partial(self._module, current_run, block_id, spec, forward, flops))
 
     # -- block ------------------------------------------------------------------
     def _block(self, current_run, block_id, group, forward, *args, **kwargs):
@@ -229,15 +230,3 @@ class ModulewiseAdapter:
         present, is_sequence, kind = run.layout["final"]
         parts = [run.get(self.last_block, f"final#{j}", device).clone() if has else None for j, has in enumerate(present)]
         return kind(parts) if is_sequence else parts[0]
-
-
-def _get(root, path: str):
-    for part in path.split("."):
-        root = getattr(root, part)
-    return root
-
-
-def _bind(method, *bound):
-    def patched(*args, **kwargs):
-        return method(*bound, *args, **kwargs)
-    return patched
