@@ -9,13 +9,13 @@ import json
 import os
 import struct
 import tempfile
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import safetensors
 import safetensors.torch
 import torch
 
-from .tokencache import CachePredictor
+from .tokencache import CachePredictor, FirstBlockPredictor
 
 FORMAT = "tokencache-predictor"
 FORMAT_VERSION = 1
@@ -29,14 +29,14 @@ class PredictorFileError(ValueError):
     """A predictor file that cannot be used: unreadable, not a predictor, or made for another model."""
 
 
-def save_predictor(path: str, predictor: CachePredictor, metadata: dict) -> None:
+def save_predictor(path: str, predictor, metadata: dict) -> None:
     """Write weights and metadata atomically: a temp file in the same folder,
     then os.replace, so an interrupted save never leaves a half file at `path`."""
     missing = [key for key in METADATA_KEYS if key not in metadata]
     if missing:
         raise ValueError(f"save_predictor: metadata lacks {', '.join(missing)}; "
                          f"expected keys {', '.join(METADATA_KEYS)}")
-    config = predictor.config()
+    config = {**predictor.config(), "architecture": predictor.architecture}
     for key, config_key in (("hidden_size", "hidden_size"), ("blocks", "n_blocks")):
         if metadata[key] != config[config_key]:
             raise ValueError(f"save_predictor: metadata {key}={metadata[key]!r} but the predictor has "
@@ -130,10 +130,13 @@ def _describe(values: dict, keys) -> str:
     return ", ".join(f"{key}={values.get(key, '(not recorded)')!r}" for key in keys)
 
 
-def load_predictor(path: str, expect: Optional[dict] = None) -> Tuple[CachePredictor, dict]:
+def load_predictor(path: str, expect: Optional[dict] = None,
+                   first_block: Optional[Callable[[], tuple]] = None) -> Tuple[object, dict]:
     """(predictor on the CPU, metadata). `expect` (e.g. {"family": "Flux",
     "hidden_size": 3072, "blocks": 57}) describes the model it will run on; a
-    file trained for anything else is refused, naming both."""
+    file trained for anything else is refused, naming both. A first-block
+    predictor is rebuilt around `first_block()` -> (a copy of the model's
+    first block, its runner, its kind), whose weights the file replaces."""
     name = os.path.basename(path)
     metadata = _decode_metadata(name, _read_header(path))
     expect = expect or {}
@@ -147,14 +150,30 @@ def load_predictor(path: str, expect: Optional[dict] = None) -> Tuple[CachePredi
             or config.get("n_blocks") != metadata["blocks"]:
         raise PredictorFileError(f"{name}: predictor settings {config!r} disagree with hidden_size="
                                  f"{metadata['hidden_size']!r}, blocks={metadata['blocks']!r}")
+    architecture = config.get("architecture", CachePredictor.architecture)
     try:
         tensors = safetensors.torch.load_file(path, device="cpu")
-        # built on the meta device so loading neither draws from the global RNG
-        # nor spends time on an initialisation the file overwrites
-        with torch.device("meta"):
-            predictor = CachePredictor(**config)
-        predictor.load_state_dict(tensors, strict=True, assign=True)
+        if architecture == FirstBlockPredictor.architecture:
+            if first_block is None:
+                raise PredictorFileError(f"{name}: a first-block predictor; it runs only with its model")
+            block, runner, kind = first_block()
+            if kind != config.get("block_kind"):
+                raise PredictorFileError(f"{name}: its first block is a {config.get('block_kind')!r} block, "
+                                         f"this model's is {kind!r}")
+            predictor = FirstBlockPredictor(block, runner, **{k: v for k, v in config.items() if k != "architecture"})
+            predictor.load_state_dict(tensors, strict=True)
+        elif architecture == CachePredictor.architecture:
+            # built on the meta device so loading neither draws from the global RNG
+            # nor spends time on an initialisation the file overwrites
+            with torch.device("meta"):
+                predictor = CachePredictor(**{k: v for k, v in config.items() if k != "architecture"})
+            predictor.load_state_dict(tensors, strict=True, assign=True)
+        else:
+            raise PredictorFileError(f"{name}: predictor architecture {architecture!r}; this version of the pack "
+                                     f"reads {FirstBlockPredictor.architecture}, {CachePredictor.architecture}")
     except (RuntimeError, TypeError, ValueError, OSError, safetensors.SafetensorError) as error:
+        if isinstance(error, PredictorFileError):
+            raise
         raise PredictorFileError(f"{name}: its weights do not fit the predictor it describes ({config!r}): "
                                  f"{error}") from None
     return predictor.eval(), metadata

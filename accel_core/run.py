@@ -12,7 +12,7 @@ from .config import CacheConfig
 from .schedule import CacheSchedule, StepKind
 from .selectors import pick_tokens, random_scores
 from .stats import WorkStats
-from .tokencache import TokenPlanner, change_importance
+from .tokencache import PlanningInput, TokenPlanner, change_importance
 
 FINAL = ("final", "hidden")   # cache key of the model's last hidden state, reused by aggressive steps
 
@@ -109,14 +109,13 @@ class CacheRun:
         return self.planner is not None and self.planner.protected(block_id)
 
     def select(self, block_id: int, tokens: int, scores: Optional[torch.Tensor], device: torch.device,
-               stream: int = 0, features: Optional[torch.Tensor] = None) -> torch.Tensor:
+               stream: int = 0) -> torch.Tensor:
         """Indices of the tokens this block recomputes at this conservative step,
         with staleness updated. `scores` is None for the random selector.
         `stream` tells apart the token streams of a two-stream block (image, text).
-        With a TokenCache planner, the first block's input `features` [B, L, D]
-        decide every block's tokens for the step."""
+        With a TokenCache planner, the step's plan (plan_tokens) decides."""
         if self.planner is not None:
-            return self._planned(block_id, features, device)
+            return self._planned(block_id, device)
         staleness = self.get(block_id, staleness_key(stream), device)
         if scores is None:
             scores = random_scores(tokens, self.config.seed, self.plan.step, block_id + 1000 * stream).to(device)
@@ -129,19 +128,30 @@ class CacheRun:
         self.last_selection[block_id if stream == 0 else (block_id, stream)] = index
         return index
 
-    def _planned(self, block_id: int, features: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    def plan_tokens(self, inputs: PlanningInput) -> None:
+        """TokenCache: at the first block of a P-step, choose every block's tokens
+        for the step from `inputs` (what enters the first block). One plan per
+        step, from the first cond's rows, so batched and split CFG select alike;
+        the predictor's work counts as computed work."""
         step = self.plan.step
-        if step not in self.step_plans:
-            if features is None:
-                raise RuntimeError(f"{self.name}: TokenCache needs the first block's input to plan step {step}")
-            # one plan per step, from the first cond's rows, so batched and split CFG select alike
-            first = self.plan.uuids[:1]
-            rows = features.shape[0] // len(self.plan.uuids)
-            changes = [self.store.get(first, (b, "change"), device)
-                       if self.planner.uses_changes and self.store.has(first, (b, "change")) else None
-                       for b in range(self.planner.n_blocks)]
-            self.step_plans = {step: self.planner.plan(features[:rows], self.sigma, changes, step)}
-        index = self.step_plans[step][block_id].to(device)
+        if self.planner is None or self.plan.kind is not StepKind.CONSERVATIVE or step in self.step_plans:
+            return
+        first = self.plan.uuids[:1]
+        rows = inputs.tokens.shape[0] // len(self.plan.uuids)
+        device = inputs.tokens.device
+        changes = [self.store.get(first, (b, "change"), device)
+                   if self.planner.uses_changes and self.store.has(first, (b, "change")) else None
+                   for b in range(self.planner.n_blocks)]
+        self.step_plans = {step: self.planner.plan(inputs.rows(rows), self.sigma, changes, step)}
+        if self.planner.predictor is not None:
+            self.stats.record_predictor(rows * self.planner.predictor.flops(inputs.tokens.shape[1]))
+
+    def _planned(self, block_id: int, device: torch.device) -> torch.Tensor:
+        plans = self.step_plans.get(self.plan.step)
+        if plans is None:
+            raise RuntimeError(f"{self.name}: step {self.plan.step} has no token plan; the family adapter must "
+                               "call plan_tokens at the first block")
+        index = plans[block_id].to(device)
         self.last_selection[block_id] = index
         return index
 

@@ -12,6 +12,7 @@ class WorkStats:
     evaluations: int = 0                             # model calls (split CFG and heun make several per step)
     flops_computed: float = 0.0
     flops_uncached: float = 0.0
+    predictor_flops: float = 0.0                     # TokenCache's learned predictor, part of flops_computed
     token_blocks_computed: int = 0
     token_blocks_total: int = 0
     peak_cache_bytes: int = 0
@@ -28,6 +29,11 @@ class WorkStats:
         self.flops_computed += computed_flops
         self.token_blocks_total += tokens
         self.token_blocks_computed += computed_tokens
+
+    def record_predictor(self, flops: float) -> None:
+        """Work spent choosing tokens: computed, with no uncached counterpart."""
+        self.flops_computed += flops
+        self.predictor_flops += flops
 
     def note_once(self, message: str) -> bool:
         if message in self.notes:
@@ -59,6 +65,10 @@ class WorkStats:
 
     def summary(self, name: str) -> str:
         c = self.counts()
+        predictor = ""
+        if self.predictor_flops and self.flops_uncached:
+            predictor = f", predictor {100 * self.predictor_flops / self.flops_uncached:.1f}%"
         return (f"{name}: {len(self.step_kinds)} steps ({c['full']} full, {c['aggressive']} aggressive, "
-                f"{c['conservative']} conservative), computed {100 * self.work_fraction:.1f}% of block work "
-                f"(theoretical {self.theoretical_speedup:.2f}x), cache peak {self.peak_cache_bytes / 2**20:.1f} MiB")
+                f"{c['conservative']} conservative), computed {100 * self.work_fraction:.1f}% of block work"
+                f"{predictor} (theoretical {self.theoretical_speedup:.2f}x), "
+                f"cache peak {self.peak_cache_bytes / 2**20:.1f} MiB")

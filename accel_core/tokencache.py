@@ -4,12 +4,14 @@ and the I-step placement (Two-Phase Round-Robin).
 
 Vocabulary: a score a = 1 means "recompute this token in this block", a = 0
 "reuse its cached block output from the previous computed step". The paper
-gives no public code; the predictor here is a small MLP-mixer instead of the
-paper's DiT block initialised from the model's first block, so it is cheap and
-independent of the model family.
+gives no public code. Two predictors: the paper's, a copy of the model's first
+block with a scoring head (FirstBlockPredictor; the family adapter says how
+to run the block), and a small MLP-mixer (CachePredictor) that needs nothing
+from the model and costs almost nothing to run.
 """
+import dataclasses
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -64,9 +66,20 @@ class CachePredictor(nn.Module):
         with torch.no_grad():
             self.head.weight.mul_(0.1)
 
+    architecture = "mlp_mixer"
+
     def config(self) -> dict:
         return {"hidden_size": self.hidden_size, "n_blocks": self.n_blocks, "width": self.width,
                 "time_scale": self.time_scale}
+
+    def flops(self, tokens: int) -> float:
+        """Per batch row: two FLOPs per weight of the per-token linear layers."""
+        per_token = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)) \
+            - sum(m.weight.numel() for m in self.time_mlp.modules() if isinstance(m, nn.Linear))
+        return 2.0 * per_token * tokens
+
+    def score(self, inputs: "PlanningInput", t: torch.Tensor) -> torch.Tensor:
+        return self(inputs.tokens, t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3 or x.shape[-1] != self.hidden_size:
@@ -82,6 +95,90 @@ class CachePredictor(nn.Module):
         n = self.mix_norm(h)
         h = h + self.mix_self(n) + self.mix_mean(n.mean(dim=1, keepdim=True))
         return torch.sigmoid(self.head(self.head_norm(h))).transpose(1, 2)
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`value` with fn applied to every tensor in it, through tuples, lists,
+    dicts and dataclasses (a block's modulation); anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
+
+
+def take_rows(value: Any, rows: int, batch: int) -> Any:
+    """`value` with every tensor whose first dimension is the batch cut to its first `rows` rows."""
+    return map_tensors(value, lambda t: t[:rows] if t.ndim and t.shape[0] == batch else t)
+
+
+@dataclasses.dataclass
+class PlanningInput:
+    """What a predictor sees at one step: the tokens entering the first block
+    [B, L, D] and, for FirstBlockPredictor, that block's own inputs in the
+    family's format (modulation vector, positions, ...)."""
+    tokens: torch.Tensor
+    block_args: Optional[dict] = None
+
+    def rows(self, count: int) -> "PlanningInput":
+        batch = self.tokens.shape[0]
+        args = None
+        if self.block_args is not None:
+            # transformer_options are run settings, not per-row data
+            args = {k: v if k == "transformer_options" else take_rows(v, count, batch)
+                    for k, v in self.block_args.items()}
+        return PlanningInput(self.tokens[:count], args)
+
+
+class FirstBlockPredictor(nn.Module):
+    """The paper's predictor: a copy of the model's first transformer block
+    (same shape, initialised from its weights) and a linear scoring head, so it
+    reads the tokens with the model's own attention and timestep modulation.
+
+    `runner(block, inputs)` runs the block on a PlanningInput and returns its
+    output tokens [B, L, D] (None where the block cannot run those inputs);
+    `runner.flops(block, tokens)` is its work per batch row. Both come from the
+    family adapter, which alone knows how its blocks are called.
+    """
+    architecture = "first_block"
+
+    def __init__(self, block: nn.Module, runner, hidden_size: int, n_blocks: int, block_kind: str):
+        super().__init__()
+        if hidden_size < 1 or n_blocks < 1:
+            raise ValueError(f"FirstBlockPredictor(hidden_size={hidden_size}, n_blocks={n_blocks}): expected both >= 1")
+        self.hidden_size = hidden_size
+        self.n_blocks = n_blocks
+        self.block_kind = block_kind
+        self.runner = runner
+        self.block = block
+        self.head_norm = nn.LayerNorm(hidden_size)
+        self.head = nn.Linear(hidden_size, n_blocks)
+        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():
+            self.head.weight.mul_(0.1)
+
+    def config(self) -> dict:
+        """Constructor arguments besides the block and its runner."""
+        return {"hidden_size": self.hidden_size, "n_blocks": self.n_blocks, "block_kind": self.block_kind}
+
+    def flops(self, tokens: int) -> float:
+        return self.runner.flops(self.block, tokens) + 2.0 * self.head.weight.numel() * tokens
+
+    def score(self, inputs: PlanningInput, t: torch.Tensor = None) -> Optional[torch.Tensor]:
+        return self(inputs, t)
+
+    def forward(self, inputs: PlanningInput, t: torch.Tensor = None) -> Optional[torch.Tensor]:
+        """[B, n_blocks, L]; the timestep reaches the block through its own modulation inputs."""
+        dtype = self.head.weight.dtype
+        tokens = self.runner(self.block, inputs)
+        if tokens is None:
+            return None
+        return torch.sigmoid(self.head(self.head_norm(tokens.to(dtype)))).transpose(1, 2)
 
 
 def soft_reuse_loss(scores: torch.Tensor, fresh: torch.Tensor, cached: torch.Tensor,
@@ -110,6 +207,41 @@ def soft_reuse_loss(scores: torch.Tensor, fresh: torch.Tensor, cached: torch.Ten
     with torch.no_grad():
         scale = fresh.sum(dim=1).float().pow(2).sum(dim=-1).mean().clamp_min(1e-12)
     error = difference.pow(2).sum(dim=-1).mean() / scale
+    cost = scores.float().mean()
+    return error + cost_weight * cost, {"error": error.detach(), "cost": cost.detach()}
+
+
+def chained_reuse_loss(scores: torch.Tensor, start: torch.Tensor, run_block: Callable[[int, torch.Tensor], torch.Tensor],
+                       cached: torch.Tensor, target: torch.Tensor, cost_weight: float,
+                       scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, dict]:
+    """TokenCache objective through the blocks, as the paper states it:
+    x_l = x_{l-1} + a_l * f_l(x_{l-1}) + (1 - a_l) * cached_l, where f_l runs on the
+    soft state, so an error a reused token makes in one block reaches every later
+    block the way it does at inference.
+
+    scores a [B, n_blocks, L] (1 = recompute); start x_0 [B, L, D] entering the
+    first block; run_block(l, x) -> f_l(x) [B, L, D] (the frozen model's block l,
+    its residual contribution); cached [B, n_blocks, L, D] the contributions
+    reused from the previous computed step; target x_L(full) [B, L, D].
+    Normalised like soft_reuse_loss: by the full run's total contribution
+    ||x_L(full) - x_0||^2 unless `scale` is given. cost = mean(a).
+    Returns (error + cost_weight * cost, {"error", "cost"} detached).
+    """
+    if scores.ndim != 3 or cached.shape[:3] != scores.shape or start.shape != target.shape \
+            or cached.shape[0] != start.shape[0] or cached.shape[2:] != start.shape[1:]:
+        raise ValueError(f"chained_reuse_loss: expected scores [B, n_blocks, L], start/target [B, L, D] and cached "
+                         f"[B, n_blocks, L, D], got {tuple(scores.shape)}, {tuple(start.shape)}, "
+                         f"{tuple(target.shape)}, {tuple(cached.shape)}")
+    x = start.float()
+    for block_id in range(scores.shape[1]):
+        a = scores[:, block_id, :, None].float()
+        fresh = run_block(block_id, x).float()
+        x = x + a * fresh + (1.0 - a) * cached[:, block_id].float()
+    target = target.float()
+    if scale is None:
+        with torch.no_grad():
+            scale = (target - start.float()).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
+    error = (x - target).pow(2).sum(dim=-1).mean() / scale
     cost = scores.float().mean()
     return error + cost_weight * cost, {"error": error.detach(), "cost": cost.detach()}
 
@@ -209,13 +341,13 @@ def importance_curve(calibration: dict) -> Callable[[float], float]:
 class TokenPlanner:
     """Which tokens every block recomputes at a TokenCache P-step: the top
     scores over all cacheable blocks (block-level allocation), scored by the
-    learned predictor from the tokens entering the first block, or without one
-    by how much each token's block output changed between the last two
-    computed steps (random until two steps were computed). fallback="random"
-    scores at random, the baseline both are measured against."""
+    learned predictor from the first block's input, or without one by how much
+    each token's block output changed between the last two computed steps
+    (random until two steps were computed). fallback="random" scores at
+    random, the baseline both are measured against."""
 
     def __init__(self, n_blocks: int, cache_ratio: float, protected_last_blocks: int,
-                 predictor: Optional[CachePredictor] = None, seed: int = 0, fallback: str = "change"):
+                 predictor: Optional[nn.Module] = None, seed: int = 0, fallback: str = "change"):
         if predictor is not None and predictor.n_blocks != n_blocks:
             raise ValueError(f"the predictor scores {predictor.n_blocks} blocks, the model has {n_blocks}")
         if fallback not in ("change", "random"):
@@ -234,20 +366,31 @@ class TokenPlanner:
     def protected(self, block_id: int) -> bool:
         return block_id >= self.n_blocks - self.protected_last_blocks
 
-    def scores(self, features: torch.Tensor, sigma: float, changes: Sequence[Optional[torch.Tensor]],
+    def predicted(self, inputs: PlanningInput, sigma: float) -> Optional[torch.Tensor]:
+        """The predictor's scores [n_blocks, L] (mean over the rows of `inputs`),
+        run on the device of the tokens in the predictor's own dtype; None
+        without a predictor or where it cannot read these inputs."""
+        if self.predictor is None:
+            return None
+        tokens = inputs.tokens
+        predictor = self.predictor.to(tokens.device)
+        with torch.no_grad():
+            scores = predictor.score(inputs, torch.tensor([sigma], device=tokens.device))
+        return None if scores is None else scores.float().mean(dim=0)
+
+    def scores(self, inputs: PlanningInput, sigma: float, changes: Sequence[Optional[torch.Tensor]],
                step: int) -> torch.Tensor:
-        """[n_blocks, L]: features [B, L, D] entering the first block; changes
-        per block [B, L] or None."""
-        tokens = features.shape[1]
-        if self.predictor is not None:
-            predictor = self.predictor.to(features.device)
-            with torch.no_grad():
-                return predictor(features.float(), torch.tensor([sigma], device=features.device)).mean(dim=0)
+        """[n_blocks, L]: from the predictor, else from the changes per block
+        ([B, L] or None), else random."""
+        predicted = self.predicted(inputs, sigma)
+        if predicted is not None:
+            return predicted
+        tokens, device = inputs.tokens.shape[1], inputs.tokens.device
         rows = [change.float().mean(dim=0) if change is not None and self.uses_changes
-                else random_scores(tokens, self.seed, step, block_id).to(features.device)
+                else random_scores(tokens, self.seed, step, block_id).to(device)
                 for block_id, change in enumerate(changes)]
         return torch.stack(rows)
 
-    def plan(self, features, sigma, changes, step) -> List[torch.Tensor]:
-        return allocate_tokens(self.scores(features, sigma, changes, step), self.cache_ratio,
+    def plan(self, inputs: PlanningInput, sigma, changes, step) -> List[torch.Tensor]:
+        return allocate_tokens(self.scores(inputs, sigma, changes, step), self.cache_ratio,
                                self.protected_last_blocks)[0]

@@ -1,14 +1,24 @@
 """Training a TokenCache predictor on the user's own model, prompts and sampler.
 
-The diffusion model stays frozen and is only run forward: block-replace
-patches on a clone record, at every model evaluation of a real ComfyUI
-sampling run, the tokens entering the first block and every block's residual
-contribution f_l(x) = block(x) - x. Consecutive evaluations give (fresh,
-cached) pairs for the soft-reuse objective (accel_core.tokencache). Each
-trajectory uses a new noise seed; the deltas are kept for a fixed random
-subset of tokens, so memory stays bounded on large models while the predictor
-still sees every token.
+The diffusion model stays frozen: block-replace patches on a clone record, at
+every model evaluation of a real ComfyUI sampling run, the first block's
+inputs and every block's residual contribution f_l(x) = block(x) - x.
+Consecutive evaluations of the same conds give (current, previous) pairs.
+
+Two objectives (accel_core.tokencache):
+- "chained", the paper's: the soft mix of fresh and reused contributions runs
+  through the model's own blocks, so errors propagate as they do at inference.
+  Each evaluation keeps every token's contributions (blocks x tokens x hidden
+  per row, in the model's dtype, on the CPU) and the backward pass goes
+  through every block.
+- "first_order": each block sees the full run's input; contributions are kept
+  for a fixed random subset of tokens only, so memory stays bounded on large
+  models.
+Two predictors: "first_block", a copy of the model's first block with a
+scoring head (the paper's), and "mlp_mixer", small and family-free.
+Each trajectory uses a new noise seed.
 """
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -19,11 +29,15 @@ import comfy.patcher_extension
 import comfy.sample
 import comfy.utils
 
-from ..accel_core.tokencache import CachePredictor, soft_reuse_loss
+from ..accel_core.tokencache import (CachePredictor, FirstBlockPredictor, PlanningInput, chained_reuse_loss,
+                                     map_tensors, soft_reuse_loss)
 from .families import tokencache_adapter_for
 from .patcher import transformer_options_of
 
 TOKEN_LAYOUT = "cat(txt, img): the tokens entering the first double-stream block"
+ARCHITECTURES = ("first_block", "mlp_mixer")
+OBJECTIVES = ("chained", "first_order")
+BLOCK_LR_SCALE = 0.1   # the copied block starts from trained weights: it moves slower than the new head
 
 
 @dataclass
@@ -36,31 +50,40 @@ class TrainingSettings:
     iterations: int = 200
     learning_rate: float = 1e-3
     cost_weight: float = 0.05
-    max_tokens: int = 1024     # tokens whose block deltas are recorded per trajectory
-    width: int = 64            # predictor width
+    architecture: str = "first_block"
+    objective: str = "chained"
+    max_tokens: int = 1024     # first_order: tokens whose block deltas are recorded per trajectory
+    width: int = 64            # mlp_mixer width
+
+    def check(self):
+        for name, accepted in (("architecture", ARCHITECTURES), ("objective", OBJECTIVES)):
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"TokenCache training: {name}={getattr(self, name)!r}; accepted: {', '.join(accepted)}")
 
 
 @dataclass
 class Evaluation:
     conds: tuple               # uuids of the conds in the batch
     sigma: float
-    features: torch.Tensor     # [B, L, D] entering the first block
-    deltas: torch.Tensor       # [B, n_blocks, S, D] at the recorded token subset
+    inputs: PlanningInput      # tokens entering the first block (CPU) and its inputs
+    deltas: torch.Tensor       # [B, n_blocks, S, D] at the recorded tokens (all of them for "chained"), CPU
+    block_args: list           # "chained": each block's inputs besides the tokens
 
 
 class _Recorder:
     """Block-replace patches and an APPLY_MODEL wrapper that record one
-    sampling run's evaluations."""
+    sampling run's evaluations. `subset_size` None keeps every token."""
 
-    def __init__(self, adapter, subset_size: int, generator: torch.Generator):
+    def __init__(self, adapter, subset_size, generator: torch.Generator):
         self.adapter = adapter
         self.subset_size = subset_size
         self.generator = generator
         self.subset = None
         self.evaluations = []
         self._sigma = None
-        self._features = None
+        self._inputs = None
         self._deltas = []
+        self._block_args = []
 
     def install(self, model_patcher):
         for i in range(len(self.adapter.double_blocks)):
@@ -72,40 +95,49 @@ class _Recorder:
 
     def _evaluation(self, executor, x, t, *args, **kwargs):
         transformer_options = transformer_options_of(args, kwargs)
-        self._sigma, self._features, self._deltas = float(t.flatten()[0]), None, []
+        self._sigma, self._inputs, self._deltas, self._block_args = float(t.flatten()[0]), None, [], []
         out = executor(x, t, *args, **kwargs)
-        if self._features is not None and len(self._deltas) == self.adapter.block_count:
+        if self._inputs is not None and len(self._deltas) == self.adapter.block_count:
             conds = tuple(transformer_options.get("uuids") or ())
-            self.evaluations.append(Evaluation(conds, self._sigma, self._features, torch.stack(self._deltas, dim=1)))
+            block_args = self._block_args if self.subset_size is None else []
+            self.evaluations.append(Evaluation(conds, self._sigma, self._inputs, torch.stack(self._deltas, dim=1),
+                                               block_args))
         return out
 
-    def _keep(self, joint_in, joint_out):
-        if self._features is None:
-            if self.subset is None or self.subset.numel() > joint_in.shape[1]:
+    def _keep(self, args, joint_in, joint_out):
+        if self._inputs is None:
+            if self.subset_size is not None and (self.subset is None or self.subset.numel() > joint_in.shape[1]):
                 count = min(self.subset_size, joint_in.shape[1])
                 self.subset = torch.randperm(joint_in.shape[1], generator=self.generator)[:count].sort().values
-            self._features = joint_in.detach().float().cpu()
-        subset = self.subset.to(joint_in.device)
-        self._deltas.append((joint_out[:, subset] - joint_in[:, subset]).detach().float().cpu())
+            tokens = {k: args[k].detach().cpu() for k in ("img", "txt") if k in args}
+            self._inputs = PlanningInput(joint_in.detach().cpu(), {**args, **tokens})
+        if self.subset_size is None:
+            delta = joint_out - joint_in
+            self._block_args.append({k: v for k, v in args.items() if k not in ("img", "txt")})
+        else:
+            subset = self.subset.to(joint_in.device)
+            delta = joint_out[:, subset] - joint_in[:, subset]
+        self._deltas.append(delta.detach().cpu())
 
     def _double(self, args, extra):
         # ComfyUI's blocks add to their inputs in place: keep copies
-        joint_in = torch.cat((args["txt"], args["img"]), dim=1)
+        kept = {**args, "img": args["img"].clone(), "txt": args["txt"].clone()}
         out = extra["original_block"](args)
-        self._keep(joint_in, torch.cat((out["txt"], out["img"]), dim=1))
+        self._keep(kept, torch.cat((kept["txt"], kept["img"]), dim=1), torch.cat((out["txt"], out["img"]), dim=1))
         return out
 
     def _single(self, args, extra):
-        x_in = args["img"].clone()
+        kept = {**args, "img": args["img"].clone()}
         out = extra["original_block"](args)
-        self._keep(x_in, out["img"])
+        self._keep(kept, kept["img"], out["img"])
         return out
 
 
 def record_trajectory(model, positive, negative, latent: dict, settings: TrainingSettings, seed: int):
     """Evaluations of one real sampling run (uncached) with noise seed `seed`."""
     adapter = tokencache_adapter_for(model)
-    recorder = _Recorder(adapter, settings.max_tokens, torch.Generator().manual_seed(seed))
+    subset_size = None if settings.objective == "chained" else settings.max_tokens
+    recorder = _Recorder(adapter, subset_size, torch.Generator().manual_seed(seed))
     recording = model.clone()
     recorder.install(recording)
     latent_image = comfy.sample.fix_empty_latent_channels(recording, latent["samples"])
@@ -128,32 +160,107 @@ def _pairs(evaluations):
     return pairs
 
 
-def calibrate(evaluations) -> dict:
-    """Phase 1 of Two-Phase Round-Robin: how much reusing the previous step's
-    block outputs would cost at each sigma, measured on a calibration run (the
-    soft-reuse error with every token reused, the quantity the predictor is
-    trained against). I-steps then go where it accumulates."""
-    by_sigma = {}
+def calibrate(evaluations, predictor=None, device=None) -> dict:
+    """Phase 1 of Two-Phase Round-Robin, on a calibration run: per sigma, the
+    measured cost of reusing every block output of the previous step
+    ("measured": the soft-reuse error with every token reused, the quantity
+    the predictor is trained against) and, with a predictor, its mean
+    predicted importance ("predicted", the paper's measure). I-steps go where
+    the chosen one accumulates."""
+    measured, predicted = {}, {}
     for previous, current in _pairs(evaluations):
+        sigma = round(current.sigma, 6)
         reuse_all = torch.zeros(current.deltas.shape[:3])
-        error = float(soft_reuse_loss(reuse_all, current.deltas, previous.deltas, 0.0)[1]["error"])
-        by_sigma.setdefault(round(current.sigma, 6), []).append(error)
-    sigmas = sorted(by_sigma, reverse=True)
-    return {"sigmas": sigmas, "importance": [sum(by_sigma[s]) / len(by_sigma[s]) for s in sigmas]}
+        measured.setdefault(sigma, []).append(float(soft_reuse_loss(reuse_all, current.deltas, previous.deltas,
+                                                                    0.0)[1]["error"]))
+        if predictor is not None:
+            with torch.no_grad():
+                scores = predictor.score(_on_device(current.inputs, device), torch.tensor([current.sigma], device=device))
+            predicted.setdefault(sigma, []).append(float(scores.float().mean()))
+    sigmas = sorted(measured, reverse=True)
+    calibration = {"sigmas": sigmas, "measured": [sum(measured[s]) / len(measured[s]) for s in sigmas]}
+    if predictor is not None:
+        calibration["predicted"] = [sum(predicted[s]) / len(predicted[s]) for s in sigmas]
+    return calibration
+
+
+def _usable(value, memo: dict):
+    """Copies made outside inference mode, so autograd can use them; a tensor
+    shared by several blocks (positions, modulation) is copied once."""
+    return map_tensors(value, lambda t: memo[id(t)] if id(t) in memo else memo.setdefault(id(t), t.clone()))
 
 
 def _recorded(model, positive, negative, latent, settings, seed):
     """A trajectory recorded without autograd, its tensors made usable by autograd."""
     with torch.inference_mode():
         evaluations, subset = record_trajectory(model, positive, negative, latent, settings, seed)
-    return [Evaluation(e.conds, e.sigma, e.features.clone(), e.deltas.clone()) for e in evaluations], subset.clone()
+    memo = {}
+    usable = [Evaluation(e.conds, e.sigma,
+                         PlanningInput(e.inputs.tokens.clone(), _runnable_args(e.inputs.block_args, memo)),
+                         e.deltas.clone(), [_runnable_args(args, memo) for args in e.block_args])
+              for e in evaluations]
+    return usable, None if subset is None else subset.clone()
+
+
+def _runnable_args(args, memo):
+    # transformer_options are run settings the blocks read, not data
+    return {k: v if k == "transformer_options" else _usable(v, memo) for k, v in args.items()}
+
+
+def _on_device(inputs: PlanningInput, device) -> PlanningInput:
+    args = {k: v if k == "transformer_options" else map_tensors(v, lambda t: t.to(device))
+            for k, v in inputs.block_args.items()}
+    return PlanningInput(inputs.tokens.to(device), args)
+
+
+def _new_predictor(adapter, settings):
+    torch.manual_seed(settings.seed)
+    if settings.architecture == "first_block":
+        predictor = FirstBlockPredictor(adapter.predictor_block(), adapter.predictor_runner(), adapter.hidden,
+                                        adapter.block_count, adapter.first_block_kind)
+        groups = [{"params": list(predictor.block.parameters()), "lr": settings.learning_rate * BLOCK_LR_SCALE},
+                  {"params": list(predictor.head_norm.parameters()) + list(predictor.head.parameters())}]
+    else:
+        predictor = CachePredictor(adapter.hidden, adapter.block_count, width=settings.width)
+        groups = [{"params": list(predictor.parameters())}]
+    return predictor, groups
+
+
+def _pair_loss(adapter, predictor, previous, current, settings, device, subset):
+    inputs = _on_device(current.inputs, device)
+    scores = predictor.score(inputs, torch.tensor([current.sigma], device=device))
+    if scores is None:
+        raise ValueError(f"the first-block predictor cannot read this {adapter.family} model's inputs (per-token "
+                         "modulation without a known row for each token); use architecture mlp_mixer")
+    if settings.objective == "first_order":
+        return soft_reuse_loss(scores[:, :, subset.to(device)], current.deltas.to(device), previous.deltas.to(device),
+                               settings.cost_weight)[0]
+    start = inputs.tokens
+    fresh = current.deltas.to(device)
+    target = start.float() + fresh.float().sum(dim=1)
+    txt_len = inputs.block_args["txt"].shape[1] if "txt" in inputs.block_args else 0
+
+    def run_block(block_id, x):
+        return adapter.block_contribution(block_id, x, current.block_args[block_id], txt_len, start.dtype)
+    return chained_reuse_loss(scores, start, run_block, previous.deltas.to(device), target, settings.cost_weight)[0]
+
+
+@contextlib.contextmanager
+def _differentiable_ops():
+    """ComfyUI's fused kernels (rotary embedding) have no backward; its own
+    training nodes switch to the plain torch versions with this flag."""
+    before = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = before
 
 
 def _optimise(model, positive, negative, latent, settings, adapter, progress):
-    torch.manual_seed(settings.seed)
-    predictor = CachePredictor(adapter.hidden, adapter.block_count, width=settings.width)
-    optimizer = torch.optim.Adam(predictor.parameters(), lr=settings.learning_rate)
-    pairs, trajectory, last_evaluations = [], 0, []
+    device = model.load_device
+    pairs, trajectory, last_evaluations, subset = [], 0, [], None
+    predictor = optimizer = None
     losses = []
     for iteration in range(settings.iterations):
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -166,11 +273,21 @@ def _optimise(model, positive, negative, latent, settings, adapter, progress):
                                  "use at least 2 steps")
             order = torch.randperm(len(found), generator=torch.Generator().manual_seed(settings.seed + trajectory))
             pairs = [found[int(j)] for j in order]
+            # the chained objective runs the model's blocks: their weights must be loaded
+            comfy.model_management.load_models_gpu([model])
+            if predictor is None:
+                # after a sampling run, so the copied first block carries the weight patches (LoRA) in use
+                predictor, groups = _new_predictor(adapter, settings)
+                predictor.to(device)
+                optimizer = torch.optim.Adam(groups, lr=settings.learning_rate)
         previous, current = pairs.pop()
-        scores = predictor(current.features, torch.tensor([current.sigma]))[:, :, subset]
-        loss, _ = soft_reuse_loss(scores, current.deltas, previous.deltas, settings.cost_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        with _differentiable_ops():
+            loss = _pair_loss(adapter, predictor, previous, current, settings, device, subset)
+            # gradients for the predictor only: the frozen model's weights get none
+            grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+        for parameter, grad in zip(parameters, grads):
+            parameter.grad = grad
         optimizer.step()
         losses.append(float(loss.detach()))
         if progress is not None:
@@ -179,15 +296,17 @@ def _optimise(model, positive, negative, latent, settings, adapter, progress):
 
 
 def train_predictor(model, positive, negative, latent: dict, settings: TrainingSettings, progress=None):
-    """Train a predictor for `model`; returns (predictor, metadata for the file).
-    `progress(iteration, total, loss)` is called after every iteration; ComfyUI's
-    cancel raises out of here between iterations."""
+    """Train a predictor for `model`; returns (predictor on the CPU, metadata for
+    the file). `progress(iteration, total, loss)` is called after every
+    iteration; ComfyUI's cancel raises out of here between iterations."""
+    settings.check()
     adapter = tokencache_adapter_for(model)
     # ComfyUI runs nodes under inference mode: the predictor trains outside it
     with torch.inference_mode(False), torch.enable_grad():
         predictor, losses, trajectory, last_evaluations = _optimise(model, positive, negative, latent, settings,
                                                                     adapter, progress)
     predictor.eval()
+    calibration = calibrate(last_evaluations, predictor, model.load_device)
     window = max(1, min(20, len(losses)))
     metadata = {
         "family": adapter.family,
@@ -197,11 +316,12 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
         "token_layout": TOKEN_LAYOUT,
         "training": {**settings.__dict__, "trajectories": trajectory,
                      "first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window},
-        "calibration": calibrate(last_evaluations),
+        "calibration": calibration,
     }
-    logging.info(f"TokenCache predictor: {settings.iterations} iterations on {trajectory} trajectories, "
-                 f"loss {metadata['training']['first_loss']:.4f} -> {metadata['training']['final_loss']:.4f}")
-    return predictor, metadata
+    logging.info(f"TokenCache predictor ({settings.architecture}, {settings.objective}): {settings.iterations} "
+                 f"iterations on {trajectory} trajectories, loss {metadata['training']['first_loss']:.4f} -> "
+                 f"{metadata['training']['final_loss']:.4f}")
+    return predictor.cpu(), metadata
 
 
 def predictor_expectations(model) -> dict:

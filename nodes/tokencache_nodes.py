@@ -13,11 +13,13 @@ from ..accel_core.config import CacheConfig
 from ..accel_core.predictor_file import PredictorFileError, load_predictor, save_predictor
 from ..reference.model import PREDICTOR_DIR
 from .patcher import apply_token_cache, show_on_node
-from .predictor_training import TrainingSettings, predictor_expectations, train_predictor
+from .families import tokencache_adapter_for
+from .predictor_training import ARCHITECTURES, OBJECTIVES, TrainingSettings, predictor_expectations, train_predictor
 
 CATEGORY = "sampling/token_cache"
 FOLDER = "token_cache"
 NO_PREDICTOR = "none"
+PLACEMENTS = ("measured", "predicted", "even")
 
 if FOLDER not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
@@ -31,15 +33,33 @@ def predictor_files() -> list:
 
 def load_for_model(model, name: str):
     """(predictor, calibration) from models/token_cache/<name>, checked against `model`."""
+    adapter = tokencache_adapter_for(model)
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
         raise ValueError(f"TokenCache predictor {name!r} not found in {folder_paths.get_folder_paths(FOLDER)}; "
                          f"available: {', '.join(predictor_files()) or 'none'}")
     try:
-        predictor, metadata = load_predictor(path, expect=predictor_expectations(model))
+        predictor, metadata = load_predictor(path, expect=predictor_expectations(model),
+                                             first_block=adapter.predictor_parts)
     except PredictorFileError as error:
         raise ValueError(f"TokenCache predictor {name!r} cannot drive this model: {error}") from None
     return predictor, metadata.get("calibration")
+
+
+def step_importance(calibration, placement: str):
+    """The calibration curve {"sigmas", "importance"} the I-steps are placed by:
+    the measured reuse cost, the predictor's mean predicted importance, or none
+    (even spacing). Files from before "predicted" existed hold the measured
+    cost as "importance"."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"i_step_placement={placement!r}; accepted: {', '.join(PLACEMENTS)}")
+    if placement == "even" or not calibration:
+        return None
+    values = calibration.get(placement, calibration.get("importance") if placement == "measured" else None)
+    if values is None:
+        raise ValueError(f"i_step_placement={placement!r}: this predictor file has no {placement} calibration; "
+                         f"use {' or '.join(k for k in PLACEMENTS if k != placement)}, or retrain it")
+    return {"sigmas": calibration["sigmas"], "importance": values}
 
 
 class TokenCacheNode(io.ComfyNode):
@@ -69,6 +89,10 @@ class TokenCacheNode(io.ComfyNode):
                                tooltip="Caching starts at this point of the sampling schedule; earlier steps compute in full."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Caching ends at this point of the sampling schedule; later steps compute in full."),
+                io.Combo.Input("i_step_placement", options=list(PLACEMENTS), default="measured",
+                               tooltip="Where the I-steps go, from the predictor's calibration run: where the measured "
+                                       "cost of reusing the cache accumulates, where the predicted importance does "
+                                       "(the paper's rule), or evenly. Without a predictor: evenly."),
             ],
             outputs=[io.Model.Output(tooltip="The model with TokenCache.")],
             hidden=[io.Hidden.unique_id],
@@ -76,11 +100,12 @@ class TokenCacheNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, predictor, cache_ratio, i_steps, protected_last_blocks, start_percent,
-                end_percent) -> io.NodeOutput:
+                end_percent, i_step_placement="measured") -> io.NodeOutput:
         config = CacheConfig(mode="tokencache", cache_ratio=cache_ratio, i_steps=i_steps,
                              protected_last_blocks=protected_last_blocks, start_percent=start_percent,
                              end_percent=end_percent)
         learned, calibration = (None, None) if predictor == NO_PREDICTOR else load_for_model(model, predictor)
+        calibration = step_importance(calibration, i_step_placement)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         name = "TokenCache[learned]" if learned is not None else "TokenCache[fallback]"
         return io.NodeOutput(apply_token_cache(model, config, name=name, node_id=node_id, predictor=learned,
@@ -114,6 +139,15 @@ class TokenCacheTrainPredictorNode(io.ComfyNode):
                                tooltip="lambda: price of recomputing a token; higher gives sparser scores."),
                 io.String.Input("filename", default="my_model_predictor",
                                 tooltip="Written as models/token_cache/<filename>.safetensors."),
+                io.Combo.Input("architecture", options=list(ARCHITECTURES), default="first_block",
+                               tooltip="first_block: a copy of the model's first block with a scoring head (the "
+                                       "paper's; costs one block per cached step, file the size of one block). "
+                                       "mlp_mixer: a small network, nearly free to run."),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default="chained",
+                               tooltip="chained: reuse errors run through the model's blocks as at inference (the "
+                                       "paper's; keeps every token's block outputs, backpropagates through the "
+                                       "model). first_order: each block judged alone on a token sample; far less "
+                                       "memory for large models."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the predictor was written.")],
             hidden=[io.Hidden.unique_id],
@@ -129,9 +163,10 @@ class TokenCacheTrainPredictorNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, iterations,
-                learning_rate, cost_weight, filename) -> io.NodeOutput:
+                learning_rate, cost_weight, filename, architecture="first_block", objective="chained") -> io.NodeOutput:
         settings = TrainingSettings(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                                    iterations=iterations, learning_rate=learning_rate, cost_weight=cost_weight)
+                                    iterations=iterations, learning_rate=learning_rate, cost_weight=cost_weight,
+                                    architecture=architecture, objective=objective)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         bar = comfy.utils.ProgressBar(iterations)
 

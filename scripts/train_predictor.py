@@ -29,7 +29,8 @@ from pack_loader import import_pack  # noqa: E402
 
 pack = import_pack()
 from dit_token_cache.accel_core.predictor_file import save_predictor  # noqa: E402
-from dit_token_cache.nodes.predictor_training import TrainingSettings, train_predictor  # noqa: E402
+from dit_token_cache.nodes.predictor_training import (ARCHITECTURES, OBJECTIVES, TrainingSettings,  # noqa: E402
+                                                       train_predictor)
 from reference import codec, shapes  # noqa: E402
 from reference.model import MODEL_FILE, PREDICTOR_FILE, conditioning  # noqa: E402
 
@@ -64,6 +65,8 @@ def main():
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default="first_block")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="chained")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -75,7 +78,8 @@ def main():
         model = comfy.sd.load_diffusion_model(str(args.model))
         positive, negative, latent = random_text_inputs(model, args.width, args.height, args.seed)
     settings = TrainingSettings(seed=args.seed, steps=args.steps, cfg=args.cfg, iterations=args.iterations,
-                                learning_rate=args.learning_rate, cost_weight=args.cost_weight)
+                                learning_rate=args.learning_rate, cost_weight=args.cost_weight,
+                                architecture=args.architecture, objective=args.objective)
 
     def progress(done, total, loss):
         if done == total or done % max(1, total // 20) == 0:

@@ -17,9 +17,10 @@ import tiny_models
 from dit_token_cache.accel_core.config import CacheConfig
 from dit_token_cache.accel_core.predictor_file import load_predictor
 from dit_token_cache.accel_core.schedule import StepKind
-from dit_token_cache.accel_core.tokencache import allocate_tokens, importance_curve, place_i_steps
+from dit_token_cache.accel_core.tokencache import allocate_tokens, chained_reuse_loss, importance_curve, place_i_steps
+from dit_token_cache.nodes.families import tokencache_adapter_for
 from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
-from dit_token_cache.nodes.predictor_training import TrainingSettings, train_predictor
+from dit_token_cache.nodes.predictor_training import TrainingSettings, _pairs, _recorded, train_predictor
 from dit_token_cache.nodes.tokencache_nodes import FOLDER, TokenCacheNode, TokenCacheTrainPredictorNode
 
 FAMILY = "flux_schnell"
@@ -55,19 +56,27 @@ def trained(flux, predictor_dir):
     return path
 
 
-def _run(model, predictor="none", cache_ratio=0.75, i_steps=3, protected_last_blocks=1, **kw):
-    (patched,) = TokenCacheNode.execute(model, predictor, cache_ratio, i_steps, protected_last_blocks, 0.0, 1.0).result
+def _load(model, path):
+    return load_predictor(path, first_block=tokencache_adapter_for(model).predictor_parts)
+
+
+def _run(model, predictor="none", cache_ratio=0.75, i_steps=3, protected_last_blocks=1, placement="measured", **kw):
+    (patched,) = TokenCacheNode.execute(model, predictor, cache_ratio, i_steps, protected_last_blocks, 0.0, 1.0,
+                                        placement).result
     out = tiny_models.sample(patched, FAMILY, **{**SAMPLING, **kw})
     return out, patched.model_options["transformer_options"][SETTINGS_KEY].last_run
 
 
 def test_training_lowers_the_loss_and_the_file_round_trips(flux, trained):
     assert os.path.basename(trained) == "tiny_flux.safetensors"
-    predictor, metadata = load_predictor(trained)
+    predictor, metadata = _load(flux, trained)
     training = metadata["training"]
     assert training["final_loss"] < training["first_loss"], training
     assert metadata["family"] == "Flux" and metadata["blocks"] == 4
-    assert len(metadata["calibration"]["sigmas"]) == TRAINING["steps"] - 1   # one reuse error per step after the first
+    assert metadata["predictor"]["architecture"] == "first_block" and training["objective"] == "chained"
+    calibration = metadata["calibration"]
+    # one measured reuse error and one mean predicted score per step after the first
+    assert len(calibration["sigmas"]) == len(calibration["measured"]) == len(calibration["predicted"]) == TRAINING["steps"] - 1
     # the same settings train the same predictor
     positive, negative, latent = _inputs(flux)
     again, _ = train_predictor(flux, positive, negative, latent, TrainingSettings(**TRAINING))
@@ -97,16 +106,22 @@ def test_learned_plan_differs_from_fallback_and_does_the_asked_work(flux, traine
         assert sorted(run.last_selection) == list(range(blocks - protected))
     # the fallback spreads the I-steps evenly; the learned run places them by its calibration
     assert _full_steps(fallback_run) == [0, 3, 6]
-    importance = importance_curve(load_predictor(trained)[1]["calibration"])
+    calibration = _load(flux, trained)[1]["calibration"]
+    importance = importance_curve({"sigmas": calibration["sigmas"], "importance": calibration["measured"]})
     sigmas = learned_run.schedule.sigmas[:STEPS]
     assert _full_steps(learned_run) == place_i_steps([importance(s) for s in sigmas], 3)
+    # the predictor's work counts: a copy of the first block, once per P-step on the first cond's row
+    predictor = learned_run.planner.predictor
+    assert learned_run.stats.predictor_flops == pytest.approx((STEPS - 3) * predictor.flops(tokens))
+    assert predictor.flops(tokens) > tokencache_adapter_for(flux).double_mlp_flops * tokens
+    assert fallback_run.stats.predictor_flops == 0
 
 
 def test_learned_selection_is_the_allocation_of_the_predictor_scores(flux, trained):
     """Independently of the planner: the scores the predictor gave at the last
     P-step, averaged over the batch and allocated under the global ratio, are
     the tokens every block recomputed."""
-    (patched,) = TokenCacheNode.execute(flux, "tiny_flux.safetensors", 0.75, 3, 1, 0.0, 1.0).result
+    (patched,) = TokenCacheNode.execute(flux, "tiny_flux.safetensors", 0.75, 3, 1, 0.0, 1.0, "measured").result
     settings = patched.model_options["transformer_options"][SETTINGS_KEY]
     predictor = settings.planner_args[1]
     scores = []
@@ -148,6 +163,66 @@ def test_calibration_places_the_i_steps(flux):
     assert _full_steps(run) == expected and expected != [0, 3, 6]
 
 
+def test_predicted_placement_follows_the_mean_predicted_importance(flux, trained):
+    calibration = _load(flux, trained)[1]["calibration"]
+    _, run = _run(flux, "tiny_flux.safetensors", placement="predicted")
+    importance = importance_curve({"sigmas": calibration["sigmas"], "importance": calibration["predicted"]})
+    assert _full_steps(run) == place_i_steps([importance(s) for s in run.schedule.sigmas[:STEPS]], 3)
+    assert _full_steps(_run(flux, "tiny_flux.safetensors", placement="even")[1]) == [0, 3, 6]
+
+
+def test_first_block_predictor_starts_as_a_copy_of_the_first_block(flux):
+    positive, negative, latent = _inputs(flux)
+    predictor, _ = train_predictor(flux, positive, negative, latent,
+                                   TrainingSettings(**{**TRAINING, "iterations": 1, "learning_rate": 1e-9}))
+    block = flux.model.diffusion_model.double_blocks[0].state_dict()
+    copied = predictor.block.state_dict()
+    assert copied.keys() == block.keys()
+    for name, tensor in block.items():
+        torch.testing.assert_close(copied[name], tensor.float(), rtol=0, atol=1e-6, msg=name)
+    assert copied["img_attn.qkv.weight"].data_ptr() != block["img_attn.qkv.weight"].data_ptr()
+
+
+def test_chained_objective_runs_the_model_blocks(flux):
+    """Recomputing every token through the model's own blocks reproduces the
+    recorded full run; reusing every token costs what the recorded stale
+    contributions cost once they run through the later blocks."""
+    positive, negative, latent = _inputs(flux)
+    adapter = tokencache_adapter_for(flux)
+    evaluations, _ = _recorded(flux, positive, negative, latent, TrainingSettings(**TRAINING), seed=5)
+    previous, current = _pairs(evaluations)[2]
+    start = current.inputs.tokens
+    target = start + current.deltas.sum(dim=1)
+    txt_len = current.inputs.block_args["txt"].shape[1]
+
+    def run_block(block_id, x):
+        return adapter.block_contribution(block_id, x, current.block_args[block_id], txt_len, start.dtype)
+    with torch.inference_mode(False), torch.enable_grad():
+        shape = current.deltas.shape[:3]
+        _, recompute = chained_reuse_loss(torch.ones(shape), start, run_block, previous.deltas, target, 0.0)
+        _, reuse = chained_reuse_loss(torch.zeros(shape), start, run_block, previous.deltas, target, 0.0)
+    assert recompute["error"].item() < 1e-10
+    stale = start + previous.deltas.sum(dim=1)
+    expected = (stale - target).pow(2).sum(-1).mean() / (target - start).pow(2).sum(-1).mean()
+    assert reuse["error"].item() == pytest.approx(expected.item(), rel=1e-4) and expected > 1e-4
+
+
+@pytest.mark.parametrize("architecture, objective", [("mlp_mixer", "chained"), ("first_block", "first_order"),
+                                                     ("mlp_mixer", "first_order")])
+def test_other_architectures_and_objectives_train(flux, architecture, objective):
+    positive, negative, latent = _inputs(flux)
+    predictor, metadata = train_predictor(flux, positive, negative, latent,
+                                          TrainingSettings(**TRAINING, architecture=architecture, objective=objective))
+    training = metadata["training"]
+    assert predictor.architecture == architecture and training["final_loss"] < training["first_loss"], training
+
+
+def test_training_settings_are_checked(flux):
+    positive, negative, latent = _inputs(flux)
+    with pytest.raises(ValueError, match="objective='second_order'; accepted: chained, first_order"):
+        train_predictor(flux, positive, negative, latent, TrainingSettings(objective="second_order"))
+
+
 def _full_steps(run):
     return [k for k, kind in enumerate(run.schedule.kinds) if kind is StepKind.FULL]
 
@@ -169,7 +244,7 @@ def test_deterministic_and_cfg_batched_equals_split(flux, trained):
 
 
 def test_run_state_is_reset_after_an_error(flux, trained):
-    (patched,) = TokenCacheNode.execute(flux, "tiny_flux.safetensors", 0.75, 3, 1, 0.0, 1.0).result
+    (patched,) = TokenCacheNode.execute(flux, "tiny_flux.safetensors", 0.75, 3, 1, 0.0, 1.0, "measured").result
     settings = patched.model_options["transformer_options"][SETTINGS_KEY]
 
     def explode(*args, **kwargs):
@@ -185,7 +260,7 @@ def test_run_state_is_reset_after_an_error(flux, trained):
 
 def _expect_refused(flux, name, *fragments):
     with pytest.raises(ValueError) as error:
-        TokenCacheNode.execute(flux, name, 0.9, 4, 1, 0.0, 1.0)
+        TokenCacheNode.execute(flux, name, 0.9, 4, 1, 0.0, 1.0, "measured")
     message = str(error.value)
     assert name in message and all(f in message for f in fragments), message
 

@@ -12,8 +12,9 @@ import torch
 
 from dit_token_cache.accel_core.predictor_file import (FORMAT_VERSION, PredictorFileError, load_predictor,
                                                         save_predictor)
-from dit_token_cache.accel_core.tokencache import (CachePredictor, allocate_tokens, change_importance,
-                                                   place_i_steps, soft_reuse_loss)
+from dit_token_cache.accel_core.tokencache import (CachePredictor, FirstBlockPredictor, PlanningInput,
+                                                   allocate_tokens, chained_reuse_loss, change_importance,
+                                                   place_i_steps, soft_reuse_loss, take_rows)
 
 B, L, D, N = 2, 16, 8, 3
 META = {"family": "Flux", "hidden_size": D, "blocks": N, "block_counts": {"double": 1, "single": 2},
@@ -67,6 +68,31 @@ def test_soft_reuse_loss_known_values():
     assert parts["error"].item() == 0.0
 
 
+def test_chained_reuse_loss_runs_errors_through_later_blocks():
+    """Two blocks f(x) = 2x on one token: reusing block 0's stale output also
+    changes what block 1 computes, which the first-order loss cannot see."""
+    start = torch.tensor([[[1.0, 0.0]]])
+    double = lambda block_id, x: 2 * x  # noqa: E731
+    # the full run: x1 = 3 * x0, x2 = 9 * x0; contributions 2 * x0 and 6 * x0
+    fresh = torch.stack([2 * start, 6 * start], dim=1)
+    cached = torch.stack([2 * start + torch.tensor([[[0.5, 0.0]]]), 6 * start], dim=1)
+    target = 9 * start
+    _, parts = chained_reuse_loss(torch.ones(1, 2, 1), start, double, cached, target, 0.0)
+    assert parts["error"].item() == 0.0                        # recomputing everything is the full run
+    _, parts = chained_reuse_loss(torch.tensor([[[0.0], [1.0]]]), start, double, cached, target, 0.3)
+    # x1 = 1 + 2.5 = 3.5, x2 = 3.5 + 7 = 10.5: error 1.5^2 over ||9 - 1||^2 = 64
+    assert parts["error"].item() == pytest.approx(2.25 / 64)
+    assert parts["cost"].item() == pytest.approx(0.5)
+    _, first_order = soft_reuse_loss(torch.tensor([[[0.0], [1.0]]]), fresh, cached, 0.0)
+    assert first_order["error"].item() == pytest.approx(0.25 / 64)   # blind to block 1 amplifying the error
+    scores = torch.tensor([[[0.0], [1.0]]], requires_grad=True)
+    loss, _ = chained_reuse_loss(scores, start, double, cached, target, 0.0)
+    (grad,) = torch.autograd.grad(loss, scores)
+    assert grad[0, 0, 0] < 0                                     # recomputing block 0 lowers the loss
+    with pytest.raises(ValueError, match="chained_reuse_loss"):
+        chained_reuse_loss(torch.ones(1, 3, 1), start, double, cached, target, 0.0)
+
+
 def test_soft_reuse_loss_shape_mismatch():
     with pytest.raises(ValueError, match="B, n_blocks, L"):
         soft_reuse_loss(torch.rand(1, 2, 3), torch.zeros(1, 2, 4, 5), torch.zeros(1, 2, 4, 5), 0.1)
@@ -93,6 +119,49 @@ def test_training_lowers_loss_and_scores_changing_tokens_higher():
     with torch.no_grad():
         per_token = model(x, t).mean(dim=(0, 1))
     assert per_token[changing].min() > per_token[~changing].max()
+
+
+# -- first-block predictor ---------------------------------------------------------
+
+class LinearRunner:
+    """A stand-in family runner: the 'block' is one linear layer on the tokens."""
+
+    def __call__(self, block, inputs):
+        return block(inputs.tokens + inputs.block_args["shift"][:, None, :])
+
+    def flops(self, block, tokens):
+        return 2.0 * block.weight.numel() * tokens
+
+
+def first_block_predictor(seed=0):
+    torch.manual_seed(seed)
+    return FirstBlockPredictor(torch.nn.Linear(D, D), LinearRunner(), D, N, "double")
+
+
+def test_first_block_predictor_scores_and_round_trips(tmp_path):
+    model = first_block_predictor(4)
+    inputs = PlanningInput(torch.randn(B, L, D), {"shift": torch.randn(B, D)})
+    scores = model.score(inputs, torch.tensor([0.5]))
+    assert scores.shape == (B, N, L) and 0 <= scores.min() and scores.max() <= 1
+    assert model.flops(L) == 2.0 * D * D * L + 2.0 * N * D * L
+    path = saved(tmp_path, model)
+    with pytest.raises(PredictorFileError, match="first-block predictor; it runs only with its model"):
+        load_predictor(path)
+    with pytest.raises(PredictorFileError, match="'double' block, this model's is 'single'"):
+        load_predictor(path, first_block=lambda: (torch.nn.Linear(D, D), LinearRunner(), "single"))
+    loaded, metadata = load_predictor(path, first_block=lambda: (torch.nn.Linear(D, D), LinearRunner(), "double"))
+    assert metadata["predictor"] == {**model.config(), "architecture": "first_block"}
+    assert torch.equal(loaded.score(inputs, None), scores)
+
+
+def test_planning_input_rows_cut_every_batched_tensor():
+    inputs = PlanningInput(torch.randn(4, L, D), {"vec": torch.randn(4, D), "pe": torch.randn(1, L),
+                                                  "mods": (torch.randn(4, 1, D),), "transformer_options": {"x": 1}})
+    first = inputs.rows(2)
+    assert first.tokens.shape[0] == 2 and first.block_args["vec"].shape[0] == 2
+    assert first.block_args["pe"].shape[0] == 1 and first.block_args["mods"][0].shape[0] == 2
+    assert first.block_args["transformer_options"] is inputs.block_args["transformer_options"]
+    assert take_rows([torch.zeros(4, 3), "text"], 1, 4)[0].shape == (1, 3)
 
 
 # -- block-level allocation -------------------------------------------------------
@@ -192,7 +261,8 @@ def test_round_trip_is_bit_identical(tmp_path):
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor) and loaded.state_dict()[name].device.type == "cpu"
     assert {k: metadata[k] for k in META} == META
-    assert metadata["format_version"] == FORMAT_VERSION and metadata["predictor"] == model.config()
+    assert metadata["format_version"] == FORMAT_VERSION
+    assert metadata["predictor"] == {**model.config(), "architecture": "mlp_mixer"}
     x, t = torch.randn(1, 6, D), torch.tensor([0.5])
     assert torch.equal(loaded(x, t), model(x, t))
     assert os.listdir(tmp_path) == ["predictor.safetensors"]

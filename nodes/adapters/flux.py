@@ -10,9 +10,11 @@ the MLP runs on the selected tokens only. Modulation that ComfyUI applies per
 token range (Kontext reference images at timestep zero, HunyuanVideo i2v) is
 gathered per token, so token subsets work the same way.
 """
+import copy
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 
 from comfy.ldm.flux.layers import ModulationOut, apply_mod
 from comfy.ldm.flux.math import apply_rope1, attention
@@ -20,6 +22,7 @@ from comfy.ldm.flux.math import apply_rope1, attention
 from ...accel_core.config import ATTENTION_VARIANTS, SELECTORS
 from ...accel_core.schedule import StepKind
 from ...accel_core.selectors import attention_scores, norm_scores, sampled_query_indices, similarity_scores
+from ...accel_core.tokencache import PlanningInput, map_tensors
 
 
 def _linear_params(module) -> int:
@@ -198,6 +201,41 @@ def single_block_forward(block, args, mod=None, on_qkv=None):
     return _single_finish(x, mod, output), attn, output
 
 
+def _cast_floats(value, dtype):
+    return map_tensors(value, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
+def _run_block(kind, block, args):
+    """A double or single block on `args`; the joint tokens cat(txt, img) it
+    outputs, or None where its modulation has no known row for every token."""
+    if kind == "double":
+        mods = _double_token_mods(block, args)
+        if mods is None:
+            return None
+        img, txt, _ = double_block_forward(block, args, mods)
+        return torch.cat((txt, img), dim=1)
+    mods = _token_mods(args, "modulation_dims", [_single_mod(block, args["vec"])], args["img"])
+    return None if mods is None else single_block_forward(block, args, mods[0])[0]
+
+
+class FirstBlockRunner:
+    """How FirstBlockPredictor runs its copy of the model's first block: on the
+    first block's own inputs, cast to the copy's dtype."""
+
+    def __init__(self, kind: str, hidden: int):
+        self.kind = kind
+        self.hidden = hidden
+
+    def __call__(self, block, inputs: PlanningInput):
+        dtype = next(block.parameters()).dtype
+        args = {k: v if k == "transformer_options" else _cast_floats(v, dtype) for k, v in inputs.block_args.items()}
+        return _run_block(self.kind, block, args)
+
+    def flops(self, block, tokens: int) -> float:
+        parts = (block.img_attn, block.img_mlp) if self.kind == "double" else (block.linear1, block.linear2)
+        return 2.0 * tokens * sum(_linear_params(part) for part in parts) + 4.0 * tokens * tokens * self.hidden
+
+
 class FluxFamilyAdapter:
     """How to run the Flux family's blocks in full (filling the cache) and on a
     token subset. Token index space per evaluation: cat(txt, img), the layout of
@@ -231,6 +269,59 @@ class FluxFamilyAdapter:
         for i in range(len(self.single_blocks)):
             model_patcher.set_model_patch_replace(hooks.block_replace(self.single_block, "single_block", i), "dit", "single_block", i)
 
+    # -- TokenCache ---------------------------------------------------------------
+    @property
+    def first_block_kind(self) -> str:
+        return "double" if self.double_blocks else "single"
+
+    def predictor_block(self, for_training: bool = True) -> torch.nn.Module:
+        """A trainable float32 copy of the model's first block on the CPU, as
+        plain torch modules (ComfyUI's weight casting and patch hooks off).
+        Training starts from its weights, so they must be plain floats then;
+        a predictor file overwrites them."""
+        block = self.double_blocks[0] if self.double_blocks else self.single_blocks[0]
+        odd = sorted({str(p.dtype) for p in block.parameters()
+                      if p.dtype not in (torch.float32, torch.float16, torch.bfloat16)})
+        if odd and for_training:
+            raise ValueError(f"the first-block predictor copies the model's first block, whose weights are "
+                             f"{', '.join(odd)}; load the model in fp16, bf16 or fp32, or use architecture mlp_mixer")
+        copied = copy.deepcopy(block).to(device="cpu", dtype=torch.float32)
+        for module in copied.modules():
+            if hasattr(module, "comfy_cast_weights"):
+                module.comfy_cast_weights = False
+                module.weight_function, module.bias_function = [], []
+        return copied.requires_grad_(True)
+
+    def predictor_runner(self) -> FirstBlockRunner:
+        return FirstBlockRunner(self.first_block_kind, self.hidden)
+
+    def predictor_parts(self):
+        """What load_predictor rebuilds a first-block predictor file around."""
+        return self.predictor_block(for_training=False), self.predictor_runner(), self.first_block_kind
+
+    def planning_input(self, args) -> PlanningInput:
+        tokens = torch.cat((args["txt"], args["img"]), dim=1) if "txt" in args else args["img"]
+        return PlanningInput(tokens, args)
+
+    def block_contribution(self, block_id: int, x: torch.Tensor, args: dict, txt_len: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+        """f_l(x) = block(x) - x for the joint tokens x = cat(txt, img), through
+        the model's own block l in the model's `dtype`, with the other inputs it
+        got in a recorded evaluation (autograd reaches x; activations are
+        recomputed in the backward pass)."""
+        x = x.to(dtype)
+        if block_id < len(self.double_blocks):
+            kind, block = "double", self.double_blocks[block_id]
+            step_args = {**args, "txt": x[:, :txt_len], "img": x[:, txt_len:]}
+        else:
+            kind, block = "single", self.single_blocks[block_id - len(self.double_blocks)]
+            step_args = {**args, "img": x}
+        out = torch.utils.checkpoint.checkpoint(_run_block, kind, block, step_args, use_reentrant=False)
+        if out is None:
+            raise ValueError(f"{self.family} block {block_id}: per-token modulation without a known row for "
+                             "each token; train with objective first_order")
+        return out - x
+
     def _attention_flops(self, tokens):
         return 4 * tokens * tokens * self.hidden
 
@@ -244,6 +335,8 @@ class FluxFamilyAdapter:
             run.age_all(i)
             run.stats.record_block(full_flops, 0, rows * tokens, 0)
             return {"img": img, "txt": txt}
+        if i == 0 and plan.kind is StepKind.CONSERVATIVE and run.planner is not None:
+            run.plan_tokens(self.planning_input(args))
         mods = _double_token_mods(block, args) if plan.fill else None
         if not plan.fill or not self._subset_ok(run, i, args, mods, replaced_elsewhere):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
@@ -255,7 +348,7 @@ class FluxFamilyAdapter:
             return out
 
         x_joint = torch.cat((txt, img), dim=1)
-        index = run.select(i, tokens, self._scores(run, i, x_joint), img.device, features=x_joint)
+        index = run.select(i, tokens, self._scores(run, i, x_joint), img.device)
         txt_index, img_index = index[index < txt_len], index[index >= txt_len] - txt_len
         computed = rows * index.numel() * self.double_mlp_flops
         if self._queries_attend(run, i, args) and index.numel():
@@ -279,6 +372,8 @@ class FluxFamilyAdapter:
             if i == self.last_single:
                 return {"img": run.get_final(x.device, x.dtype)}
             return {"img": x}
+        if block_id == 0 and plan.kind is StepKind.CONSERVATIVE and run.planner is not None:
+            run.plan_tokens(self.planning_input(args))
         mods = _token_mods(args, "modulation_dims", [_single_mod(block, args["vec"])], x) if plan.fill else None
         if not plan.fill or not self._subset_ok(run, block_id, args, mods, replaced_elsewhere):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
@@ -291,7 +386,7 @@ class FluxFamilyAdapter:
             out = self._single_full(run, block_id, block, args, mod)
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
         else:
-            index = run.select(block_id, tokens, self._scores(run, block_id, x), x.device, features=x)
+            index = run.select(block_id, tokens, self._scores(run, block_id, x), x.device)
             attend = self._queries_attend(run, block_id, args)
             out = self._single_subset(run, block_id, block, args, mod, index, attend)
             computed = rows * index.numel() * (self.single_flops + (4 * tokens * self.hidden if attend else 0))
