@@ -33,11 +33,13 @@ from pack_loader import import_pack  # noqa: E402
 from skipped_steps import SkippedStepsLog  # noqa: E402
 from reference import codec, shapes  # noqa: E402
 from reference.classifier import accuracy, load_classifier  # noqa: E402
-from reference.model import MODEL_FILE, PREDICTOR_FILE, WEIGHTS, conditioning  # noqa: E402
+from reference.model import MODEL_FILE, PREDICTOR_DIR, PREDICTOR_FILE, WEIGHTS, conditioning  # noqa: E402
 
 pack = import_pack()
 from dit_token_cache.accel_core import metrics  # noqa: E402
 from dit_token_cache.accel_core.predictor_file import load_predictor  # noqa: E402
+from dit_token_cache.nodes.families import tokencache_adapter_for  # noqa: E402
+from dit_token_cache.nodes.tokencache_nodes import step_importance  # noqa: E402
 CacheConfig = pack.accel_core.CacheConfig
 patcher = pack.nodes.patcher
 StepKind = pack.accel_core.StepKind
@@ -55,18 +57,28 @@ def ours(config):
     return lambda model: patcher.apply_token_cache(model, config)
 
 
-def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2, calibrated=True):
-    """TokenCache with the shipped predictor ("learned"), or the training-free
-    fallback ("change"), or random scores ("random"). `calibrated`: I-steps from
-    the shipped predictor file's calibration (so scorings compare at the same
-    I-steps), else spread evenly (the fallback as the node runs it)."""
+PREDICTORS = {"learned": PREDICTOR_FILE,   # first_block, chained objective (the node's defaults)
+              "mlp_mixer": PREDICTOR_DIR / "shapes_reference_mlp_mixer.safetensors",
+              "mlp_mixer first_order": PREDICTOR_DIR / "shapes_reference_mlp_mixer_first_order.safetensors"}
+
+
+def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2, placement="measured"):
+    """TokenCache with one of the shipped predictors (PREDICTORS), or the
+    training-free fallback ("change"), or random scores ("random"). I-steps
+    from the shipped first-block predictor's calibration by `placement`
+    (so scorings compare at the same I-steps), or "even"."""
     config = CacheConfig(mode="tokencache", cache_ratio=cache_ratio, i_steps=i_steps,
                          protected_last_blocks=protected_last_blocks)
-    predictor, metadata = load_predictor(str(PREDICTOR_FILE))
-    calibration = metadata["calibration"] if calibrated else None
-    if scoring == "learned":
-        return lambda model: patcher.apply_token_cache(model, config, predictor=predictor, calibration=calibration)
-    return lambda model: patcher.apply_token_cache(model, config, fallback=scoring, calibration=calibration)
+
+    def build(model):
+        parts = tokencache_adapter_for(model).predictor_parts
+        calibration = step_importance(load_predictor(str(PREDICTOR_FILE), first_block=parts)[1]["calibration"],
+                                      placement)
+        if scoring in PREDICTORS:
+            predictor, _ = load_predictor(str(PREDICTORS[scoring]), first_block=parts)
+            return patcher.apply_token_cache(model, config, predictor=predictor, calibration=calibration)
+        return patcher.apply_token_cache(model, config, fallback=scoring, calibration=calibration)
+    return build
 
 
 def methods_for(args) -> list:
@@ -93,10 +105,13 @@ def methods_for(args) -> list:
     for i_steps, ratio in ((6, 0.9), (4, 0.9), (3, 0.9), (4, 0.8)):
         found.append(Method(f"TokenCache learned I={i_steps} r={ratio}", "TokenCache",
                             tokencache("learned", ratio, i_steps), steps))
-    for scoring in ("change", "random"):
+    for scoring in ("mlp_mixer", "mlp_mixer first_order", "change", "random"):
         found.append(Method(f"TokenCache {scoring} I=4 r=0.9", "TokenCache scoring", tokencache(scoring), steps))
-    found.append(Method("TokenCache change I=4 r=0.9 even I-steps", "TokenCache scoring",
-                        tokencache("change", calibrated=False), steps))
+    for placement in ("predicted", "even"):
+        found.append(Method(f"TokenCache learned I=4 r=0.9 {placement} I-steps", "TokenCache placement",
+                            tokencache("learned", placement=placement), steps))
+    found.append(Method("TokenCache change I=4 r=0.9 even I-steps", "TokenCache placement",
+                        tokencache("change", placement="even"), steps))
     for t in (0.1, 0.3):
         found.append(Method(f"EasyCache t={t}", "EasyCache", lambda m, t=t: EasyCacheNode.execute(m, t, 0.15, 0.95, False).result[0], steps))
     found.append(Method("LazyCache t=0.3", "LazyCache", lambda m: LazyCacheNode.execute(m, 0.3, 0.15, 0.95, False).result[0], steps))

@@ -296,7 +296,9 @@ def check_ui_workflow(workflow: dict, object_info: dict) -> list[str]:
         if isinstance(values, dict):
             problems.append(f"{where}: widgets_values is a dict; only list-style widgets_values are supported")
             continue
-        if len(values) != len(expected):
+        # a file saved before trailing widgets were added loads with their defaults, as in the frontend
+        missing = expected[len(values):]
+        if len(values) > len(expected) or any(k is not None or "default" not in s.options for s, k in missing):
             layout = [s.name if k is None else f"{s.name}:{k}" for s, k in expected]
             problems.append(f"{where}: {len(values)} widgets_values, expected {len(expected)}: {layout}")
             continue
@@ -371,7 +373,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         values = list(node.get("widgets_values") or [])
         position = 0
         for spec in widget_specs(node_def):
-            inputs[spec.name] = values[position]
+            # widgets added after the file was saved take their defaults
+            inputs[spec.name] = values[position] if position < len(values) else spec.options["default"]
             position += 1 + len(spec.extra)
         for inp in node.get("inputs") or []:
             if inp.get("link") is None:

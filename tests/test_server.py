@@ -203,6 +203,22 @@ def test_workflows_present():
     assert {"flux_dev_t2i_duca.json", "flux_dev_t2i_toca.json"} <= names, names
 
 
+@pytest.mark.parametrize("name, node_type, added", [
+    ("shapes_reference_tokencache", "TokenCache", {"i_step_placement": "measured"}),
+    ("shapes_reference_train_predictor", TRAIN_NODE, {"architecture": "first_block", "objective": "chained"})])
+def test_workflow_saved_before_new_widgets_loads_with_their_defaults(name, node_type, added, object_info):
+    """Files shared before a widget was added at the end still load: the new
+    widgets take their defaults, as in ComfyUI's frontend."""
+    workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    node = next(n for n in workflow["nodes"] if n["type"] == node_type)
+    node["widgets_values"] = node["widgets_values"][:-len(added)]
+    assert wt.check_ui_workflow(workflow, object_info) == []
+    _, converted = wt.node_of_type(wt.ui_to_api(workflow, object_info), node_type)
+    assert {k: converted["inputs"][k] for k in added} == added
+    node["widgets_values"] = node["widgets_values"] + list(added.values()) + ["unknown"]   # more values than widgets
+    assert wt.check_ui_workflow(workflow, object_info)
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_is_valid(path, object_info):
     workflow = json.loads(path.read_text())

@@ -14,6 +14,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.func
 import torch.utils.checkpoint
 
 from comfy.ldm.flux.layers import ModulationOut, apply_mod
@@ -218,6 +219,27 @@ def _run_block(kind, block, args):
     return None if mods is None else single_block_forward(block, args, mods[0])[0]
 
 
+class _BlockCall(torch.nn.Module):
+    def __init__(self, kind, block):
+        super().__init__()
+        self.kind = kind
+        self.block = block
+
+    def forward(self, args):
+        return _run_block(self.kind, self.block, args)
+
+
+def _run_block_for_autograd(kind, block, args):
+    """_run_block where autograd can reach the inputs: ComfyUI loads weights
+    in inference mode, and autograd cannot keep those for the backward pass,
+    so the call sees copies of them (one block at a time, made again when the
+    backward pass recomputes the block)."""
+    copies = {f"block.{name}": p.clone() for name, p in block.named_parameters() if p.is_inference()}
+    if not copies:
+        return _run_block(kind, block, args)
+    return torch.func.functional_call(_BlockCall(kind, block), copies, (args,))
+
+
 class FirstBlockRunner:
     """How FirstBlockPredictor runs its copy of the model's first block: on the
     first block's own inputs, cast to the copy's dtype."""
@@ -316,7 +338,7 @@ class FluxFamilyAdapter:
         else:
             kind, block = "single", self.single_blocks[block_id - len(self.double_blocks)]
             step_args = {**args, "img": x}
-        out = torch.utils.checkpoint.checkpoint(_run_block, kind, block, step_args, use_reentrant=False)
+        out = torch.utils.checkpoint.checkpoint(_run_block_for_autograd, kind, block, step_args, use_reentrant=False)
         if out is None:
             raise ValueError(f"{self.family} block {block_id}: per-token modulation without a known row for "
                              "each token; train with objective first_order")
