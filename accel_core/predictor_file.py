@@ -52,7 +52,10 @@ def save_predictor(path: str, predictor, metadata: dict) -> None:
     data = safetensors.torch.save(tensors, metadata=encoded)
     folder = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(temp, 0o666 & ~umask)   # mkstemp makes it private; a predictor is shared like a model file
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

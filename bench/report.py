@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 GRID_METHODS = ("uncached", "DuCa N=3 r=0.9", "DuCa N=5 r=0.9", "ToCa N=5 r=0.9", "FORA N=5", "DuCa N=8 r=0.9",
                 "TokenCache learned I=4 r=0.9", "EasyCache t=0.3", "LazyCache t=0.3")
 FRONTS = ("DuCa", "ToCa", "FORA", "TokenCache", "EasyCache", "LazyCache", "fewer steps", "DuCa selectors", "DuCa order",
-          "DuCa attention variant", "TokenCache scoring")
+          "DuCa attention variant", "TokenCache scoring", "TokenCache placement")
 
 
 def _fmt(value, digits=3):
@@ -153,28 +153,44 @@ def claim_attention_variant(rows):
             "(attention reused): quality per unit of work", "\n".join(lines), verdict)
 
 
+def _tokencache_rows(rows, header, entries):
+    lines = [f"| {header} | theoretical | PSNR dB | SSIM | class acc | FD |", "|---|---|---|---|---|---|"]
+    for label, r in entries:
+        lines.append(f"| {label} | {r['theoretical']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['acc_all']:.3f} | "
+                     f"{r['fd']:.2f} |")
+    return lines
+
+
 def claim_tokencache(rows):
     named = _by_name(rows)
-    learned = named.get("TokenCache learned I=4 r=0.9")
-    change, random = named.get("TokenCache change I=4 r=0.9"), named.get("TokenCache random I=4 r=0.9")
-    even = named.get("TokenCache change I=4 r=0.9 even I-steps")
-    if learned is None or change is None or random is None or even is None:
+    scorings = (("learned: first-block predictor, chained objective", "TokenCache learned I=4 r=0.9"),
+                ("learned: MLP-mixer, chained objective", "TokenCache mlp_mixer I=4 r=0.9"),
+                ("learned: MLP-mixer, first-order objective", "TokenCache mlp_mixer first_order I=4 r=0.9"),
+                ("training-free fallback (output change)", "TokenCache change I=4 r=0.9"),
+                ("random", "TokenCache random I=4 r=0.9"))
+    placements = (("measured reuse cost (default)", "TokenCache learned I=4 r=0.9"),
+                  ("mean predicted importance (the paper's rule)", "TokenCache learned I=4 r=0.9 predicted I-steps"),
+                  ("even", "TokenCache learned I=4 r=0.9 even I-steps"),
+                  ("even, training-free fallback (the node without a predictor)", "TokenCache change I=4 r=0.9 even I-steps"))
+    if any(name not in named for _, name in scorings + placements):
         return None
-    lines = ["| TokenCache scoring (I=4, r=0.9, last 2 blocks protected) | theoretical | PSNR dB | SSIM | class acc | FD |",
-             "|---|---|---|---|---|---|"]
-    for name, r in (("learned predictor", learned), ("training-free fallback (output change)", change),
-                    ("random", random), ("fallback as the node runs it: I-steps spread evenly", even)):
-        lines.append(f"| {name} | {r['theoretical']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['acc_all']:.3f} | {r['fd']:.2f} |")
-    ranked = sorted((("learned", learned), ("fallback", change), ("random", random)), key=lambda kv: -kv[1]["psnr"])
+    lines = _tokencache_rows(rows, "TokenCache scoring (I=4, r=0.9, last 2 blocks protected, measured I-steps)",
+                             [(label, named[name]) for label, name in scorings])
+    lines += [""] + _tokencache_rows(rows, "I-step placement (I=4, r=0.9, first-block predictor)",
+                                     [(label, named[name]) for label, name in placements])
+    ranked = sorted(scorings, key=lambda entry: -named[entry[1]]["psnr"])
+    learned = named[scorings[0][1]]
     front = _front(rows, "DuCa")
     duca_at = _interpolate(front, learned["theoretical"])
     against_duca = ("outside the measured DuCa front" if duca_at is None else
                     f"DuCa's front gives {duca_at:.2f} dB at the same theoretical speedup")
-    return ("TokenCache: learned predictor vs training-free fallback vs random selection at equal cache ratio",
+    best_placement = max(placements[:3], key=lambda entry: named[entry[1]]["psnr"])[0]
+    return ("TokenCache: learned predictors vs training-free fallback vs random selection at equal cache ratio, "
+            "and where the I-steps go",
             "\n".join(lines),
-            f"the first three share the I-steps of the calibration; measured order by PSNR: "
-            f"{' > '.join(name for name, _ in ranked)}; the learned predictor reaches "
-            f"{learned['psnr']:.2f} dB at {learned['theoretical']:.2f}x, {against_duca}")
+            f"scorings share the measured I-steps; order by PSNR: {' > '.join(label for label, _ in ranked)}; "
+            f"best placement: {best_placement}; the first-block predictor reaches {learned['psnr']:.2f} dB at "
+            f"{learned['theoretical']:.2f}x, {against_duca}")
 
 
 def pareto_plot(rows, path: Path, title: str):
@@ -223,13 +239,18 @@ def image_grid(outputs, labels, path: Path, columns=8):
 def write(rows, step_errors, outputs, labels, args):
     out = Path(args.out)
     pareto_plot(rows, out / "pareto.png", f"Speed against quality on the reference model ({args.steps} euler steps, cfg {args.cfg})")
-    image_grid(outputs, labels, out / "grid.png")
+    if not args.only:   # an --only run has the images of its own methods only
+        image_grid(outputs, labels, out / "grid.png")
     import os
     import platform
 
     import torch
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    parts = [f"Command: `python bench/bench_reference.py{' --quick' if args.quick else ''}` (`make bench-reference`). "
+    command = f"`python bench/bench_reference.py{' --quick' if args.quick else ''}` (`make bench-reference`)"
+    if args.only:
+        command = (f"`python bench/bench_reference.py --only '{args.only}'`, its rows in place of those of the "
+                   f"earlier full run (`make bench-reference`)")
+    parts = [f"Command: {command}. "
              f"Machine: {machine}.\n",
              f"Reference model, {args.samples} samples (fixed seed {args.seed}), {args.steps} euler/simple steps, "
              f"cfg {args.cfg}; wall clock: batch of {args.timing_batch}, median of {args.repeats}.\n",

@@ -367,3 +367,16 @@ def test_never_pickles():
                 assert not any(n.split(".")[0] in ("pickle", "dill", "cloudpickle") for n in names), name
             if isinstance(node, ast.Attribute) and node.attr == "load":
                 assert not (isinstance(node.value, ast.Name) and node.value.id == "torch"), name
+
+
+# -- work accounting ---------------------------------------------------------------------
+
+def test_predictor_work_counts_as_computed_and_shows_in_the_summary():
+    from dit_token_cache.accel_core.stats import WorkStats
+    stats = WorkStats()
+    stats.record_block(100.0, 40.0, 10, 4)
+    stats.record_predictor(10.0)
+    assert stats.flops_computed == 50.0 and stats.flops_uncached == 100.0 and stats.predictor_flops == 10.0
+    assert stats.theoretical_speedup == 2.0 and stats.token_fraction == 0.4
+    assert "computed 50.0% of block work, predictor 10.0% (theoretical 2.00x)" in stats.summary("TokenCache")
+    assert "predictor" not in WorkStats().summary("DuCa")
