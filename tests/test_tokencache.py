@@ -15,13 +15,14 @@ import folder_paths
 import tiny_models
 
 from dit_token_cache.accel_core.config import CacheConfig
-from dit_token_cache.accel_core.predictor_file import load_predictor
+from dit_token_cache.accel_core.predictor_file import load_predictor, save_predictor
 from dit_token_cache.accel_core.schedule import StepKind
 from dit_token_cache.accel_core.tokencache import allocate_tokens, chained_reuse_loss, importance_curve, place_i_steps
 from dit_token_cache.nodes.families import tokencache_adapter_for
 from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
-from dit_token_cache.nodes.predictor_training import TrainingSettings, _pairs, _recorded, train_predictor
-from dit_token_cache.nodes.tokencache_nodes import FOLDER, TokenCacheNode, TokenCacheTrainPredictorNode
+from dit_token_cache.nodes.predictor_training import (TrainingSettings, _differentiable_ops, _pairs, _recorded,
+                                                      train_predictor)
+from dit_token_cache.nodes.tokencache_nodes import FOLDER, TokenCacheNode, TokenCacheTrainPredictorNode, step_importance
 
 FAMILY = "flux_schnell"
 STEPS = 8
@@ -163,12 +164,26 @@ def test_calibration_places_the_i_steps(flux):
     assert _full_steps(run) == expected and expected != [0, 3, 6]
 
 
-def test_predicted_placement_follows_the_mean_predicted_importance(flux, trained):
-    calibration = _load(flux, trained)[1]["calibration"]
-    _, run = _run(flux, "tiny_flux.safetensors", placement="predicted")
-    importance = importance_curve({"sigmas": calibration["sigmas"], "importance": calibration["predicted"]})
-    assert _full_steps(run) == place_i_steps([importance(s) for s in run.schedule.sigmas[:STEPS]], 3)
-    assert _full_steps(_run(flux, "tiny_flux.safetensors", placement="even")[1]) == [0, 3, 6]
+def test_i_step_placement_reads_the_chosen_calibration(flux, trained, predictor_dir):
+    """A copy of the trained file whose two calibrations disagree: measured
+    cost early, predicted importance late; the node follows the one chosen."""
+    predictor, metadata = _load(flux, trained)
+    metadata["calibration"] = {"sigmas": [1.0, 0.5, 0.0], "measured": [1.0, 0.0, 0.0], "predicted": [0.0, 0.0, 1.0]}
+    save_predictor(str(predictor_dir / "two_curves.safetensors"), predictor, metadata)
+    placed = {}
+    for placement in ("measured", "predicted", "even"):
+        _, run = _run(flux, "two_curves.safetensors", placement=placement)
+        placed[placement] = _full_steps(run)
+        if placement != "even":
+            importance = importance_curve({"sigmas": [1.0, 0.5, 0.0], "importance": metadata["calibration"][placement]})
+            assert placed[placement] == place_i_steps([importance(s) for s in run.schedule.sigmas[:STEPS]], 3)
+    assert placed["even"] == [0, 3, 6] and len({tuple(steps) for steps in placed.values()}) == 3, placed
+    # a file from before "predicted" existed holds the measured cost as "importance"
+    assert step_importance({"sigmas": [1.0], "importance": [0.5]}, "measured") == {"sigmas": [1.0], "importance": [0.5]}
+    with pytest.raises(ValueError, match="no predicted calibration"):
+        step_importance({"sigmas": [1.0], "importance": [0.5]}, "predicted")
+    with pytest.raises(ValueError, match="accepted: measured, predicted, even"):
+        step_importance(metadata["calibration"], "paper")
 
 
 def test_first_block_predictor_starts_as_a_copy_of_the_first_block(flux):
@@ -202,6 +217,15 @@ def test_chained_objective_runs_the_model_blocks(flux):
         _, recompute = chained_reuse_loss(torch.ones(shape), start, run_block, previous.deltas, target, 0.0)
         _, reuse = chained_reuse_loss(torch.zeros(shape), start, run_block, previous.deltas, target, 0.0)
     assert recompute["error"].item() < 1e-10
+    # the gradient reaches a block-0 score through every later block: autograd agrees with a finite difference
+    with torch.inference_mode(False), torch.enable_grad(), _differentiable_ops():
+        scores = torch.full(shape, 0.5, dtype=torch.float64).requires_grad_(True)
+        loss, _ = chained_reuse_loss(scores, start, run_block, previous.deltas, target, 0.0)
+        (grad,) = torch.autograd.grad(loss, scores)
+        nudged = scores.detach().clone()
+        nudged[:, 0] += 1e-2
+        moved, _ = chained_reuse_loss(nudged, start, run_block, previous.deltas, target, 0.0)
+    assert float(moved - loss.detach()) == pytest.approx(1e-2 * float(grad[:, 0].sum()), rel=0.05)
     stale = start + previous.deltas.sum(dim=1)
     expected = (stale - target).pow(2).sum(-1).mean() / (target - start).pow(2).sum(-1).mean()
     assert reuse["error"].item() == pytest.approx(expected.item(), rel=1e-4) and expected > 1e-4
