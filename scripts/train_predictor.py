@@ -7,6 +7,11 @@ real sampling path.
     # any Flux-family diffusion model file, with class-free random conditioning of its text width
     python scripts/train_predictor.py --model path/to/flux.safetensors --width 1024 --height 1024 --out my.safetensors
 
+    # the other two predictors shipped for the reference model
+    python scripts/train_predictor.py --architecture mlp_mixer --out reference/weights/token_cache/shapes_reference_mlp_mixer.safetensors
+    python scripts/train_predictor.py --architecture mlp_mixer --objective first_order \
+        --out reference/weights/token_cache/shapes_reference_mlp_mixer_first_order.safetensors
+
 With --model, the conditioning is a fixed random text embedding (no text
 encoder is loaded here); the node is the way to train on real prompts.
 """
