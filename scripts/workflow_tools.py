@@ -296,16 +296,21 @@ def check_ui_workflow(workflow: dict, object_info: dict) -> list[str]:
         if isinstance(values, dict):
             problems.append(f"{where}: widgets_values is a dict; only list-style widgets_values are supported")
             continue
+        layout = [s.name if k is None else f"{s.name}:{k}" for s, k in expected]
+        count = f"{where}: {len(values)} widgets_values, expected {len(expected)}: {layout}"
         # a file saved before trailing widgets were added loads with their defaults, as in the frontend
         missing = expected[len(values):]
         if len(values) > len(expected) or any(k is not None or "default" not in s.options for s, k in missing):
-            layout = [s.name if k is None else f"{s.name}:{k}" for s, k in expected]
-            problems.append(f"{where}: {len(values)} widgets_values, expected {len(expected)}: {layout}")
+            problems.append(count)
             continue
+        wrong = []
         for (spec, kind), value in zip(expected, values):
             reason = _check_value(spec, value) if kind is None else _check_extra(kind, value)
             if reason:
-                problems.append(f"{where}: widget {spec.name}{'' if kind is None else ' ' + kind}: {reason}")
+                wrong.append(f"{where}: widget {spec.name}{'' if kind is None else ' ' + kind}: {reason}")
+        if wrong and missing:
+            wrong.insert(0, count + " (a value missing in the middle shifts the ones after it)")
+        problems.extend(wrong)
 
         linked = {inp.get("name") for inp in node.get("inputs") or [] if inp.get("link") is not None}
         for name, (type_, optional) in socket_inputs(node_def).items():
