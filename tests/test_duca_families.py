@@ -48,3 +48,24 @@ def test_unsupported_model_is_named_with_the_supported_families(family_model):
     with pytest.raises(ValueError) as error:
         apply_token_cache(other, CacheConfig())
     assert "Linear" in str(error.value) and supported_families() in str(error.value)
+
+
+def test_tokencache_first_block_predictor_trains_and_drives_the_family(family_model):
+    """The paper's predictor on every Flux-family model: a copy of its first
+    block trains with the chained objective through the family's own blocks
+    (Chroma's per-block modulation, HunyuanVideo's video tokens), and the
+    TokenCache run it drives selects from its scores."""
+    from dit_token_cache.nodes.predictor_training import TrainingSettings, train_predictor
+    family, model = family_model
+    case = CASES[family]
+    positive, negative = tiny_models.conditioning(family, model)
+    latent = tiny_models.empty_latent(family, case["width"], case["height"], frames=case.get("frames"))
+    settings = TrainingSettings(steps=4, cfg=case["cfg"], iterations=6, learning_rate=3e-3)
+    predictor, metadata = train_predictor(model, positive, negative, latent, settings)
+    assert metadata["training"]["trajectories"] >= 1 and len(metadata["calibration"]["predicted"]) == 3
+    config = CacheConfig(mode="tokencache", cache_ratio=0.75, i_steps=2, protected_last_blocks=1)
+    patched = apply_token_cache(model, config, predictor=predictor, calibration=None)
+    out = _sample(family, patched)
+    run = patched.model_options["transformer_options"][SETTINGS_KEY].last_run
+    assert torch.isfinite(out).all() and not run.stats.notes
+    assert run.stats.predictor_flops > 0 and run.last_selection
