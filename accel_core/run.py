@@ -128,14 +128,16 @@ class CacheRun:
         self.last_selection[block_id if stream == 0 else (block_id, stream)] = index
         return index
 
-    def plan_tokens(self, inputs: PlanningInput) -> None:
-        """TokenCache: at the first block of a P-step, choose every block's tokens
-        for the step from `inputs` (what enters the first block). One plan per
-        step, from the first cond's rows, so batched and split CFG select alike;
-        the predictor's work counts as computed work."""
+    def plan_tokens(self, make_inputs: Callable[[], PlanningInput]) -> None:
+        """TokenCache: called at the first block; at a P-step, choose every
+        block's tokens for the step from make_inputs() (what enters the first
+        block, built only then). One plan per step, from the first cond's rows,
+        so batched and split CFG select alike; the predictor's work counts as
+        computed work."""
         step = self.plan.step
         if self.planner is None or self.plan.kind is not StepKind.CONSERVATIVE or step in self.step_plans:
             return
+        inputs = make_inputs()
         first = self.plan.uuids[:1]
         rows = inputs.tokens.shape[0] // len(self.plan.uuids)
         device = inputs.tokens.device

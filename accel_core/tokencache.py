@@ -30,6 +30,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return embedding
 
 
+def _undecided_head(width: int, n_blocks: int) -> nn.Linear:
+    """The scoring head: sigmoid(0) = 0.5 and small weights, so training starts
+    undecided between reuse and recompute instead of saturated on one side."""
+    head = nn.Linear(width, n_blocks)
+    nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        head.weight.mul_(0.1)
+    return head
+
+
 class CachePredictor(nn.Module):
     """Scores in [0, 1] for every (block, token): how much the token needs recomputing.
 
@@ -59,12 +69,7 @@ class CachePredictor(nn.Module):
         self.mix_self = nn.Linear(width, width)
         self.mix_mean = nn.Linear(width, width, bias=False)
         self.head_norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, n_blocks)
-        # sigmoid(0) = 0.5 and small head weights: training starts undecided
-        # between reuse and recompute instead of saturated on one side
-        nn.init.zeros_(self.head.bias)
-        with torch.no_grad():
-            self.head.weight.mul_(0.1)
+        self.head = _undecided_head(width, n_blocks)
 
     architecture = "mlp_mixer"
 
@@ -117,6 +122,12 @@ def take_rows(value: Any, rows: int, batch: int) -> Any:
     return map_tensors(value, lambda t: t[:rows] if t.ndim and t.shape[0] == batch else t)
 
 
+def map_block_args(args: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """map_tensors over a block's inputs, leaving transformer_options (run
+    settings the block reads, not per-row data) as they are."""
+    return {k: v if k == "transformer_options" else map_tensors(v, fn) for k, v in args.items()}
+
+
 @dataclasses.dataclass
 class PlanningInput:
     """What a predictor sees at one step: the tokens entering the first block
@@ -127,12 +138,12 @@ class PlanningInput:
 
     def rows(self, count: int) -> "PlanningInput":
         batch = self.tokens.shape[0]
-        args = None
-        if self.block_args is not None:
-            # transformer_options are run settings, not per-row data
-            args = {k: v if k == "transformer_options" else take_rows(v, count, batch)
-                    for k, v in self.block_args.items()}
-        return PlanningInput(self.tokens[:count], args)
+        return self.map(lambda t: take_rows(t, count, batch))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PlanningInput":
+        """fn applied to the tokens and every tensor of the block's inputs."""
+        args = None if self.block_args is None else map_block_args(self.block_args, fn)
+        return PlanningInput(fn(self.tokens), args)
 
 
 class FirstBlockPredictor(nn.Module):
@@ -157,10 +168,7 @@ class FirstBlockPredictor(nn.Module):
         self.runner = runner
         self.block = block
         self.head_norm = nn.LayerNorm(hidden_size)
-        self.head = nn.Linear(hidden_size, n_blocks)
-        nn.init.zeros_(self.head.bias)
-        with torch.no_grad():
-            self.head.weight.mul_(0.1)
+        self.head = _undecided_head(hidden_size, n_blocks)
 
     def config(self) -> dict:
         """Constructor arguments besides the block and its runner."""

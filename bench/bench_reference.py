@@ -72,10 +72,11 @@ def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2, pla
 
     def build(model):
         parts = tokencache_adapter_for(model).predictor_parts
-        calibration = step_importance(load_predictor(str(PREDICTOR_FILE), first_block=parts)[1]["calibration"],
-                                      placement)
+        shipped, metadata = load_predictor(str(PREDICTOR_FILE), first_block=parts)
+        calibration = step_importance(metadata["calibration"], placement)
         if scoring in PREDICTORS:
-            predictor, _ = load_predictor(str(PREDICTORS[scoring]), first_block=parts)
+            predictor = shipped if PREDICTORS[scoring] == PREDICTOR_FILE else \
+                load_predictor(str(PREDICTORS[scoring]), first_block=parts)[0]
             return patcher.apply_token_cache(model, config, predictor=predictor, calibration=calibration)
         return patcher.apply_token_cache(model, config, fallback=scoring, calibration=calibration)
     return build

@@ -30,7 +30,7 @@ import comfy.sample
 import comfy.utils
 
 from ..accel_core.tokencache import (CachePredictor, FirstBlockPredictor, PlanningInput, chained_reuse_loss,
-                                     map_tensors, soft_reuse_loss)
+                                     map_block_args, soft_reuse_loss)
 from .families import tokencache_adapter_for
 from .patcher import transformer_options_of
 
@@ -184,10 +184,10 @@ def calibrate(evaluations, predictor=None, device=None) -> dict:
     return calibration
 
 
-def _usable(value, memo: dict):
-    """Copies made outside inference mode, so autograd can use them; a tensor
+def _usable(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
+    """A copy made outside inference mode, so autograd can use it; a tensor
     shared by several blocks (positions, modulation) is copied once."""
-    return map_tensors(value, lambda t: memo[id(t)] if id(t) in memo else memo.setdefault(id(t), t.clone()))
+    return memo[id(tensor)] if id(tensor) in memo else memo.setdefault(id(tensor), tensor.clone())
 
 
 def _recorded(model, positive, negative, latent, settings, seed):
@@ -195,22 +195,14 @@ def _recorded(model, positive, negative, latent, settings, seed):
     with torch.inference_mode():
         evaluations, subset = record_trajectory(model, positive, negative, latent, settings, seed)
     memo = {}
-    usable = [Evaluation(e.conds, e.sigma,
-                         PlanningInput(e.inputs.tokens.clone(), _runnable_args(e.inputs.block_args, memo)),
-                         e.deltas.clone(), [_runnable_args(args, memo) for args in e.block_args])
+    usable = [Evaluation(e.conds, e.sigma, e.inputs.map(lambda t: _usable(t, memo)), e.deltas.clone(),
+                         [map_block_args(args, lambda t: _usable(t, memo)) for args in e.block_args])
               for e in evaluations]
     return usable, None if subset is None else subset.clone()
 
 
-def _runnable_args(args, memo):
-    # transformer_options are run settings the blocks read, not data
-    return {k: v if k == "transformer_options" else _usable(v, memo) for k, v in args.items()}
-
-
 def _on_device(inputs: PlanningInput, device) -> PlanningInput:
-    args = {k: v if k == "transformer_options" else map_tensors(v, lambda t: t.to(device))
-            for k, v in inputs.block_args.items()}
-    return PlanningInput(inputs.tokens.to(device), args)
+    return inputs.map(lambda t: t.to(device))
 
 
 def _new_predictor(adapter, settings):
@@ -324,9 +316,9 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
     return predictor.cpu(), metadata
 
 
-def predictor_expectations(model) -> dict:
-    """What a predictor file must have been trained for to drive `model`."""
-    adapter = tokencache_adapter_for(model)
+def predictor_expectations(adapter) -> dict:
+    """What a predictor file must have been trained for to drive the model of
+    `adapter` (tokencache_adapter_for)."""
     return {"family": adapter.family, "hidden_size": adapter.hidden, "blocks": adapter.block_count,
             "token_layout": TOKEN_LAYOUT}
 

@@ -39,7 +39,7 @@ def load_for_model(model, name: str):
         raise ValueError(f"TokenCache predictor {name!r} not found in {folder_paths.get_folder_paths(FOLDER)}; "
                          f"available: {', '.join(predictor_files()) or 'none'}")
     try:
-        predictor, metadata = load_predictor(path, expect=predictor_expectations(model),
+        predictor, metadata = load_predictor(path, expect=predictor_expectations(adapter),
                                              first_block=adapter.predictor_parts)
     except PredictorFileError as error:
         raise ValueError(f"TokenCache predictor {name!r} cannot drive this model: {error}") from None

@@ -23,7 +23,7 @@ from comfy.ldm.flux.math import apply_rope1, attention
 from ...accel_core.config import ATTENTION_VARIANTS, SELECTORS
 from ...accel_core.schedule import StepKind
 from ...accel_core.selectors import attention_scores, norm_scores, sampled_query_indices, similarity_scores
-from ...accel_core.tokencache import PlanningInput, map_tensors
+from ...accel_core.tokencache import PlanningInput, map_block_args
 
 
 def _linear_params(module) -> int:
@@ -202,10 +202,6 @@ def single_block_forward(block, args, mod=None, on_qkv=None):
     return _single_finish(x, mod, output), attn, output
 
 
-def _cast_floats(value, dtype):
-    return map_tensors(value, lambda t: t.to(dtype) if t.is_floating_point() else t)
-
-
 def _run_block(kind, block, args):
     """A double or single block on `args`; the joint tokens cat(txt, img) it
     outputs, or None where its modulation has no known row for every token."""
@@ -244,18 +240,17 @@ class FirstBlockRunner:
     """How FirstBlockPredictor runs its copy of the model's first block: on the
     first block's own inputs, cast to the copy's dtype."""
 
-    def __init__(self, kind: str, hidden: int):
+    def __init__(self, kind: str, block_flops):
         self.kind = kind
-        self.hidden = hidden
+        self.block_flops = block_flops   # tokens -> one row's work, as the adapter counts its first block
 
     def __call__(self, block, inputs: PlanningInput):
         dtype = next(block.parameters()).dtype
-        args = {k: v if k == "transformer_options" else _cast_floats(v, dtype) for k, v in inputs.block_args.items()}
+        args = map_block_args(inputs.block_args, lambda t: t.to(dtype) if t.is_floating_point() else t)
         return _run_block(self.kind, block, args)
 
     def flops(self, block, tokens: int) -> float:
-        parts = (block.img_attn, block.img_mlp) if self.kind == "double" else (block.linear1, block.linear2)
-        return 2.0 * tokens * sum(_linear_params(part) for part in parts) + 4.0 * tokens * tokens * self.hidden
+        return self.block_flops(tokens)
 
 
 class FluxFamilyAdapter:
@@ -315,7 +310,8 @@ class FluxFamilyAdapter:
         return copied.requires_grad_(True)
 
     def predictor_runner(self) -> FirstBlockRunner:
-        return FirstBlockRunner(self.first_block_kind, self.hidden)
+        return FirstBlockRunner(self.first_block_kind,
+                                self._double_flops if self.double_blocks else self._single_block_flops)
 
     def predictor_parts(self):
         """What load_predictor rebuilds a first-block predictor file around."""
@@ -347,18 +343,25 @@ class FluxFamilyAdapter:
     def _attention_flops(self, tokens):
         return 4 * tokens * tokens * self.hidden
 
+    def _double_flops(self, tokens):
+        """One row's work in a double block: linear layers per token, and attention."""
+        return tokens * (self.double_attn_flops + self.double_mlp_flops) + self._attention_flops(tokens)
+
+    def _single_block_flops(self, tokens):
+        return tokens * self.single_flops + self._attention_flops(tokens)
+
     def double_block(self, run, i, args, original_block, replaced_elsewhere=False):
         block = self.double_blocks[i]
         img, txt = args["img"], args["txt"]
         txt_len, tokens, rows = txt.shape[1], txt.shape[1] + img.shape[1], img.shape[0]
-        full_flops = rows * (tokens * (self.double_attn_flops + self.double_mlp_flops) + self._attention_flops(tokens))
+        full_flops = rows * self._double_flops(tokens)
         plan = run.plan
         if plan.kind is StepKind.AGGRESSIVE:
             run.age_all(i)
             run.stats.record_block(full_flops, 0, rows * tokens, 0)
             return {"img": img, "txt": txt}
-        if i == 0 and plan.kind is StepKind.CONSERVATIVE and run.planner is not None:
-            run.plan_tokens(self.planning_input(args))
+        if i == 0:
+            run.plan_tokens(lambda: self.planning_input(args))
         mods = _double_token_mods(block, args) if plan.fill else None
         if not plan.fill or not self._subset_ok(run, i, args, mods, replaced_elsewhere):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
@@ -386,7 +389,7 @@ class FluxFamilyAdapter:
         block_id = len(self.double_blocks) + i
         x = args["img"]
         tokens, rows = x.shape[1], x.shape[0]
-        full_flops = rows * (tokens * self.single_flops + self._attention_flops(tokens))
+        full_flops = rows * self._single_block_flops(tokens)
         plan = run.plan
         if plan.kind is StepKind.AGGRESSIVE:
             run.age_all(block_id)
@@ -394,8 +397,8 @@ class FluxFamilyAdapter:
             if i == self.last_single:
                 return {"img": run.get_final(x.device, x.dtype)}
             return {"img": x}
-        if block_id == 0 and plan.kind is StepKind.CONSERVATIVE and run.planner is not None:
-            run.plan_tokens(self.planning_input(args))
+        if block_id == 0:
+            run.plan_tokens(lambda: self.planning_input(args))
         mods = _token_mods(args, "modulation_dims", [_single_mod(block, args["vec"])], x) if plan.fill else None
         if not plan.fill or not self._subset_ok(run, block_id, args, mods, replaced_elsewhere):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
