@@ -4,16 +4,25 @@ A batch from the sampler holds one chunk of rows per cond uuid (cond, uncond,
 ...), and ComfyUI batches conds together or runs them one at a time depending
 on free memory. Entries are therefore stored per uuid and reassembled for
 whatever uuids a call carries, so both ways see the same state.
+
+Two kinds of entry: plain tensors (staleness counters, selector features),
+and features, block outputs kept with their history so they can be
+estimated at a later time (forecast.FeatureHistory).
 """
+import math
 from typing import Hashable, Optional, Sequence
 
 import torch
 
+from .forecast import FeatureHistory
+
 
 class CacheStore:
-    def __init__(self, device: Optional[torch.device] = None):
+    def __init__(self, device: Optional[torch.device] = None, depth: int = 1, max_span: float = math.inf):
         self.device = device          # None: keep each entry where it was computed
-        self._entries: dict = {}      # uuid -> {key: tensor}
+        self.depth = depth            # full-step values a feature's forecast is drawn through: its order + 1
+        self.max_span = max_span      # anchors further apart in time lower the order
+        self._entries: dict = {}      # uuid -> {key: tensor or FeatureHistory}
         self.nbytes = 0
         self.peak_bytes = 0
 
@@ -22,33 +31,75 @@ class CacheStore:
             raise ValueError(f"batch of {tensor.shape[0]} rows does not split into {len(uuids)} conds")
         return zip(uuids, tensor.chunk(len(uuids), dim=0))
 
+    def _replace(self, entries: dict, key: Hashable, value) -> None:
+        if key in entries:
+            self.nbytes -= _size(entries[key])
+        entries[key] = value
+        self.nbytes += _size(value)
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+
+    def _copy(self, chunk: torch.Tensor) -> torch.Tensor:
+        # a copy: ComfyUI's blocks update their inputs in place
+        return chunk.to(self.device if self.device is not None else chunk.device, copy=True)
+
     def put(self, uuids: Sequence[Hashable], key: Hashable, tensor: torch.Tensor) -> None:
-        """Store a copy (ComfyUI's blocks update their inputs in place)."""
-        target = self.device if self.device is not None else tensor.device
+        """Store a copy as a plain entry."""
+        for uuid, chunk in self._chunks(uuids, tensor):
+            self._replace(self._entries.setdefault(uuid, {}), key, self._copy(chunk))
+
+    def put_feature(self, uuids: Sequence[Hashable], key: Hashable, tensor: torch.Tensor, time: float,
+                    exact: bool = True) -> None:
+        """Every token of a feature computed at `time`: at a full step (`exact`)
+        a new anchor of its history, otherwise a new base for every token."""
         for uuid, chunk in self._chunks(uuids, tensor):
             entries = self._entries.setdefault(uuid, {})
-            if key in entries:
-                self.nbytes -= _size(entries[key])
-            entries[key] = chunk.to(target, copy=True)
-            self.nbytes += _size(entries[key])
-        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+            history = entries.get(key)
+            before = _size(history) if history is not None else 0
+            if not isinstance(history, FeatureHistory) or history.newest.shape != chunk.shape:
+                history, exact = FeatureHistory(self.depth, self.max_span), True
+            if exact:
+                history.put(self._copy(chunk), time)
+            else:
+                history.refresh(None, chunk, time)
+            entries[key] = history
+            self.nbytes += _size(history) - before
+            self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
     def has(self, uuids: Sequence[Hashable], key: Hashable) -> bool:
         return all(key in self._entries.get(uuid, {}) for uuid in uuids)
 
     def shape(self, uuid: Hashable, key: Hashable) -> torch.Size:
-        return self._entries[uuid][key].shape
+        return _newest(self._entries[uuid][key]).shape
+
 
     def get(self, uuids: Sequence[Hashable], key: Hashable, device: torch.device) -> torch.Tensor:
-        chunks = [self._entries[uuid][key] for uuid in uuids]
-        joined = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
-        return joined.to(device, non_blocking=True)
+        """The entry as last computed (a feature's newest values)."""
+        return _joined([_newest(self._entries[uuid][key]) for uuid in uuids], device)
 
-    def scatter(self, uuids: Sequence[Hashable], key: Hashable, index: torch.Tensor, values: torch.Tensor, dim: int = 1) -> None:
-        """Write freshly computed rows `values` at token positions `index`."""
+    def estimate(self, uuids: Sequence[Hashable], key: Hashable, device: torch.device, time: float,
+                 index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A feature estimated at `time` (FeatureHistory.estimate), of the
+        tokens `index` if given."""
+        return _joined([self._entries[uuid][key].estimate(time, index) for uuid in uuids], device)
+
+    def order_lowered(self, uuid: Hashable, key: Hashable) -> bool:
+        """Whether anchors too far apart lower a feature's forecast order."""
+        history = self._entries[uuid][key]
+        return history.order() < history.order(math.inf)
+
+    def scatter(self, uuids: Sequence[Hashable], key: Hashable, index: torch.Tensor, values: torch.Tensor,
+                dim: int = 1, time: Optional[float] = None) -> None:
+        """Write freshly computed rows `values` at token positions `index`; a
+        feature's tokens get them as their base, computed at `time`."""
         for uuid, chunk in self._chunks(uuids, values):
             stored = self._entries[uuid][key]
-            stored.index_copy_(dim, index.to(stored.device), chunk.to(stored.device, stored.dtype))
+            if isinstance(stored, FeatureHistory):
+                before = stored.nbytes
+                stored.refresh(index, chunk, time)
+                self.nbytes += stored.nbytes - before
+                self.peak_bytes = max(self.peak_bytes, self.nbytes)
+            else:
+                stored.index_copy_(dim, index.to(stored.device), chunk.to(stored.device, stored.dtype))
 
     def increment(self, uuids: Sequence[Hashable], key: Hashable) -> None:
         """Add 1 in place (staleness counters on a step that computed nothing)."""
@@ -63,5 +114,16 @@ class CacheStore:
         self.nbytes = 0
 
 
-def _size(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+def _newest(entry):
+    return entry.newest if isinstance(entry, FeatureHistory) else entry
+
+
+def _joined(chunks, device):
+    joined = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
+    return joined.to(device, non_blocking=True)
+
+
+def _size(entry) -> int:
+    if isinstance(entry, FeatureHistory):
+        return entry.nbytes
+    return entry.numel() * entry.element_size()

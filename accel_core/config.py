@@ -1,14 +1,13 @@
 """Settings of one token-cache run, validated once, shared by every layer."""
+import math
 from dataclasses import dataclass
+
+from .forecast import FORECASTS, ORDERS
 
 SELECTORS = ("random", "v_norm", "k_norm", "similarity", "attention")
 DUCA_MODES = ("duca", "toca", "fora")   # the DuCa Cache node's modes
 MODES = DUCA_MODES + ("tokencache",)
 CACHE_DEVICES = ("model_device", "cpu")
-# conservative-step attention: "reuse" the cached output (the research method), or
-# "query_subset": selected tokens recompute their queries and attend over all keys
-# and values, those of unselected tokens coming from the cache
-ATTENTION_VARIANTS = ("reuse", "query_subset")
 
 
 @dataclass(frozen=True)
@@ -24,9 +23,11 @@ class CacheConfig:
     cache_device: str = "model_device"
     aggressive_first: bool = True   # DuCa cycle order: full, aggressive, conservative, ...
     attention_queries: int = 64     # sampled queries for the attention selector
-    attention_variant: str = "reuse"
     i_steps: int = 4                # TokenCache: steps of full compute in the window (I-steps)
     protected_last_blocks: int = 4  # TokenCache: the last K blocks always compute every token
+    forecast: str = "reuse"         # how cached values stand in for fresh ones: reuse, linear, quadratic
+    forecast_max_span: float = 0.3  # anchors further apart in time than this: a lower forecast order
+    max_error: float = 0.0          # error-aware schedule: 0 = fixed cycles; else the measured error that forces a full step
 
     def __post_init__(self):
         problems = []
@@ -50,16 +51,32 @@ class CacheConfig:
             problems.append(f"staleness_weight={self.staleness_weight!r}: accepted 0.0 to 10.0")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             problems.append(f"seed={self.seed!r}: accepted a whole number from 0 to 2**64-1")
-        if self.attention_variant not in ATTENTION_VARIANTS:
-            problems.append(f"attention_variant={self.attention_variant!r}: accepted {', '.join(ATTENTION_VARIANTS)}")
         if self.attention_queries < 1:
             problems.append(f"attention_queries={self.attention_queries!r}: accepted a whole number >= 1")
         if not isinstance(self.i_steps, int) or self.i_steps < 1:
             problems.append(f"i_steps={self.i_steps!r}: accepted a whole number >= 1")
         if not isinstance(self.protected_last_blocks, int) or self.protected_last_blocks < 0:
             problems.append(f"protected_last_blocks={self.protected_last_blocks!r}: accepted a whole number >= 0")
+        if self.forecast not in FORECASTS:
+            problems.append(f"forecast={self.forecast!r}: accepted {', '.join(FORECASTS)}")
+        if not (isinstance(self.forecast_max_span, (int, float)) and self.forecast_max_span > 0):
+            problems.append(f"forecast_max_span={self.forecast_max_span!r}: accepted a number > 0")
+        if not (isinstance(self.max_error, (int, float)) and math.isfinite(self.max_error) and self.max_error >= 0):
+            problems.append(f"max_error={self.max_error!r}: accepted a number >= 0 (0 turns the error-aware schedule off)")
+        elif self.max_error > 0 and self.mode not in ("duca", "toca"):
+            problems.append(f"max_error={self.max_error!r} with mode={self.mode!r}: the error is measured on conservative "
+                            "steps, which only modes duca and toca have; set max_error 0 or use duca/toca")
         if problems:
             raise ValueError("Invalid token cache settings: " + "; ".join(problems))
+
+    @property
+    def forecast_order(self) -> int:
+        return ORDERS[self.forecast]
+
+    @property
+    def max_cycle_length(self) -> int:
+        """How far the error-aware schedule may stretch a cycle."""
+        return 2 * self.cycle_length
 
     def recompute_count(self, tokens: int) -> int:
         """Tokens recomputed per block at a conservative step."""

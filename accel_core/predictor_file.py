@@ -130,12 +130,14 @@ def _decode_metadata(name: str, header: dict) -> dict:
 
 
 def _describe(values: dict, keys) -> str:
-    return ", ".join(f"{key}={values.get(key, '(not recorded)')!r}" for key in keys)
+    def first(value):
+        return value[0] if isinstance(value, tuple) else value
+    return ", ".join(f"{key}={first(values.get(key, '(not recorded)'))!r}" for key in keys)
 
 
 def load_predictor(path: str, expect: Optional[dict] = None,
                    first_block: Optional[Callable[[], tuple]] = None) -> Tuple[object, dict]:
-    """(predictor on the CPU, metadata). `expect` (e.g. {"family": "Flux",
+    """(predictor on the CPU, metadata). `expect` (e.g. {"family": "flux",
     "hidden_size": 3072, "blocks": 57}) describes the model it will run on; a
     file trained for anything else is refused, naming both. A first-block
     predictor is rebuilt around `first_block()` -> (a copy of the model's
@@ -143,7 +145,9 @@ def load_predictor(path: str, expect: Optional[dict] = None,
     name = os.path.basename(path)
     metadata = _decode_metadata(name, _read_header(path))
     expect = expect or {}
-    wrong = [key for key, value in expect.items() if metadata.get(key) != value]
+    # a tuple in `expect` lists the values accepted
+    wrong = [key for key, value in expect.items()
+             if metadata.get(key) not in (value if isinstance(value, tuple) else (value,))]
     if wrong:
         keys = list(expect)
         raise PredictorFileError(f"{name}: trained for {_describe(metadata, keys)}, but this model is "

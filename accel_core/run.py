@@ -1,7 +1,14 @@
 """State of one sampling run with token caching: the schedule, the cache, the
-token selections and the work accounting. Framework-free: the ComfyUI side
-calls begin_forward/end_forward around each model evaluation and the family
-adapters call the block-level helpers."""
+token selections, the work accounting and the measured cache error.
+Framework-free: the ComfyUI side calls begin_forward/end_forward around each
+model evaluation and the family adapters call the block-level helpers.
+
+Block outputs are "features": what a step does not compute is estimated from
+their history at this step's time (forecast.FeatureHistory; reuse is order
+0). A conservative step computes some tokens anyway: how far their fresh
+values are from the estimate is the step's measured cache error, which the
+error-aware schedule (config.max_error) turns into full steps added or saved.
+"""
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Sequence
 
@@ -14,7 +21,7 @@ from .selectors import pick_tokens, random_scores
 from .stats import WorkStats
 from .tokencache import PlanningInput, TokenPlanner, change_importance
 
-FINAL = ("final", "hidden")   # cache key of the model's last hidden state, reused by aggressive steps
+FINAL = "final"   # cache keys (FINAL, part) of the model's last hidden state, which aggressive steps estimate
 
 
 @dataclass
@@ -28,19 +35,28 @@ class ForwardPlan:
 class CacheRun:
     def __init__(self, config: CacheConfig, sample_sigmas: Sequence[float], start_sigma: float,
                  end_sigma: float, name: str = "DuCa", planner: Optional[TokenPlanner] = None,
-                 step_importance: Optional[Callable[[float], float]] = None):
+                 step_importance: Optional[Callable[[float], float]] = None,
+                 time_of: Callable[[float], float] = float):
         self.config = config
+        self.time_of = time_of           # sigma -> the coordinate forecasts extrapolate in
+        self.time = None
         self.name = name
         self.planner = planner           # TokenCache: per-block token choice at P-steps
         self.step_plans: dict = {}       # step -> indices per block, shared by every evaluation of the step
         self.sigma = None
         self.schedule = CacheSchedule(config, sample_sigmas, start_sigma, end_sigma, step_importance)
-        self.store = CacheStore(torch.device("cpu") if config.cache_device == "cpu" else None)
+        self.store = CacheStore(torch.device("cpu") if config.cache_device == "cpu" else None,
+                                depth=config.forecast_order + 1, max_span=config.forecast_max_span)
         self.stats = WorkStats()
         self.plan: Optional[ForwardPlan] = None
         self.last_selection: dict = {}   # block id -> indices picked at the latest conservative step
-        self.layout: dict = {}           # adapters' bookkeeping for this run (output structures, per-block work)
+        self.adapter_state = None        # the family adapter's own record of this run (its type is the adapter's)
         self._signature = None
+        self._final_parts = None         # which parts of the last block's output are cached
+        self._decided_step = None        # the step whose kind was last decided (once per step)
+        self._measuring = None           # uuid whose rows measure this step's cache error
+        self._error_sums = [0.0, 0.0]    # this step: sum ||fresh - estimate||^2, sum ||fresh||^2 (first cond)
+        self._latest_error = None        # the last error measured since the last full step
 
     # -- per model evaluation -------------------------------------------------
     def begin_forward(self, sigma: float, uuids: Sequence[Hashable], signature: tuple) -> ForwardPlan:
@@ -53,16 +69,41 @@ class CacheRun:
             self._signature = signature
         step = self.schedule.step_of(sigma)
         self.sigma = sigma
+        self.time = self.time_of(sigma)
+        if step != self._decided_step:
+            self._decide(step, uuids[0])
         kind = self.schedule.kind(step)
         fill = kind is not StepKind.FULL or self.schedule.cache_needed_after(step)
-        if kind is not StepKind.FULL and not self.store.has(uuids, FINAL):
+        if kind is not StepKind.FULL and not self.has_final(uuids):
             kind = StepKind.FULL   # nothing cached for these conds yet
         self.plan = ForwardPlan(step, kind, fill, list(uuids))
         self.stats.record_step(step, kind)
         self.stats.evaluations += 1
         return self.plan
 
+    def _decide(self, step: int, first_uuid) -> None:
+        """Once per step, at its first evaluation: close the last step's error
+        measurement and, under the error-aware schedule, let it add or save a
+        full step. Only the first cond of a step measures, so batched and
+        split CFG decide alike."""
+        if self._decided_step in self.stats.step_errors:
+            self._latest_error = self.stats.step_errors[self._decided_step]
+        self._error_sums = [0.0, 0.0]
+        self._decided_step = step
+        max_error = self.config.max_error
+        if max_error > 0 and self._latest_error is not None:
+            if self._latest_error > max_error and self.schedule.force_full(step):
+                self.stats.full_steps_added += 1
+            elif self._latest_error < max_error / 2 and self.schedule.postpone_full(step):
+                self.stats.full_steps_saved += 1
+        if self.schedule.kind(step) is StepKind.FULL:
+            self._latest_error = None
+        self._measuring = first_uuid if self.schedule.kind(step) is StepKind.CONSERVATIVE else None
+
     def end_forward(self) -> None:
+        squared_error, squared_norm = (float(total) for total in self._error_sums)
+        if squared_norm > 0:
+            self.stats.record_error(self.plan.step, (squared_error / squared_norm) ** 0.5)
         self.plan = None
         self.stats.peak_cache_bytes = self.store.peak_bytes
 
@@ -72,9 +113,11 @@ class CacheRun:
 
     # -- block-level helpers ----------------------------------------------------
     def put(self, block_id: int, name: str, tensor: torch.Tensor) -> None:
+        """A plain entry (staleness, selector features), never estimated."""
         self.store.put(self.plan.uuids, (block_id, name), tensor)
 
     def get(self, block_id: int, name: str, device: torch.device) -> torch.Tensor:
+        """An entry as last computed."""
         return self.store.get(self.plan.uuids, (block_id, name), device)
 
     def has(self, block_id: int, name: str) -> bool:
@@ -84,15 +127,57 @@ class CacheRun:
         """Shape of one cond's entry, without moving it."""
         return self.store.shape(self.plan.uuids[0], (block_id, name))
 
+    def put_feature(self, block_id: int, name: str, tensor: torch.Tensor) -> None:
+        """A block output computed for every token at this step; only full
+        steps, where every input is exact, set the trend forecasts follow."""
+        self.store.put_feature(self.plan.uuids, (block_id, name), tensor, self.time, self.plan.kind is StepKind.FULL)
+
+    def estimate(self, block_id: int, name: str, device: torch.device) -> torch.Tensor:
+        """A block output at this step's time, from what was computed before:
+        reused, or forecast (config.forecast)."""
+        return self._estimate((block_id, name), device)
+
+    def estimate_tokens(self, block_id: int, name: str, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """estimate() of the tokens `index` only."""
+        return self._estimate((block_id, name), device, index)
+
+    def _estimate(self, key, device, index=None, uuids=None):
+        uuids = uuids or self.plan.uuids
+        if self.config.forecast_order and self.store.order_lowered(uuids[0], key):
+            self.stats.warn_once(f"{self.name}: forecast {self.config.forecast}: full steps more than "
+                                 f"{self.config.forecast_max_span} apart in time; a lower order is used there")
+        return self.store.estimate(uuids, key, device, self.time, index)
+
+    def scatter_feature(self, block_id: int, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        """Fresh values of the tokens `index` of a block output; measured
+        against their estimate first, for the step's cache error."""
+        key = (block_id, name)
+        if self._measuring in self.plan.uuids and index.numel():
+            chunk = values.chunk(len(self.plan.uuids))[self.plan.uuids.index(self._measuring)].float()
+            estimate = self._estimate(key, chunk.device, index, [self._measuring])
+            # tensors until the evaluation ends: no device sync per block
+            self._error_sums[0] = self._error_sums[0] + (chunk - estimate.to(chunk.device).float()).pow(2).sum()
+            self._error_sums[1] = self._error_sums[1] + chunk.pow(2).sum()
+        self.store.scatter(self.plan.uuids, key, index, values, time=self.time)
+
     def scatter(self, block_id: int, name: str, index: torch.Tensor, values: torch.Tensor, dim: int = 1) -> None:
+        """Fresh values into a plain entry."""
         self.store.scatter(self.plan.uuids, (block_id, name), index, values, dim)
 
-    def put_final(self, hidden: torch.Tensor) -> None:
-        self.store.put(self.plan.uuids, FINAL, hidden)
+    def put_final(self, *parts: Optional[torch.Tensor]) -> None:
+        """The last block's output (its tensors, in order; None where it has none)."""
+        self._final_parts = tuple(j for j, part in enumerate(parts) if part is not None)
+        for j in self._final_parts:
+            self.store.put_feature(self.plan.uuids, (FINAL, j), parts[j], self.time, self.plan.kind is StepKind.FULL)
 
-    def get_final(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        # a copy: ComfyUI (ControlNet) adds to a block's output in place
-        return self.store.get(self.plan.uuids, FINAL, device).to(dtype=dtype, copy=True)
+    def has_final(self, uuids: Sequence[Hashable]) -> bool:
+        return self._final_parts is not None and all(self.store.has(uuids, (FINAL, j)) for j in self._final_parts)
+
+    def get_final(self, device: torch.device, dtype: Optional[torch.dtype] = None, part: int = 0) -> torch.Tensor:
+        """Part of the last block's output, estimated at this step (aggressive steps)."""
+        # a copy: blocks and ComfyUI (ControlNet) update a block's output in place
+        estimate = self._estimate((FINAL, part), device)
+        return estimate.to(dtype=dtype, copy=True) if dtype is not None else estimate.clone()
 
     def reset_staleness(self, block_id: int, tokens: int, device: torch.device, stream: int = 0) -> None:
         self.put(block_id, staleness_key(stream),

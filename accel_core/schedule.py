@@ -46,20 +46,51 @@ class CacheSchedule:
         self.config = config
         self.sigmas = [float(s) for s in sample_sigmas]
         self.step_count = max(1, len(self.sigmas) - 1)
-        in_window = [end_sigma <= self.sigmas[i] <= start_sigma for i in range(self.step_count)]
+        self.in_window = [end_sigma <= self.sigmas[i] <= start_sigma for i in range(self.step_count)]
+        self.kinds = [StepKind.FULL] * self.step_count
         if config.mode == "tokencache":
-            self.kinds = self._tokencache_kinds(in_window, step_importance)
-            return
-        self.kinds = []
-        window_start = None
-        for i in range(self.step_count):
-            if not in_window[i]:
-                self.kinds.append(StepKind.FULL)
-                window_start = None
+            self.kinds = self._tokencache_kinds(self.in_window, step_importance)
+        else:
+            self._lay_cycles(0, None, 0)
+
+    def _lay_cycles(self, start: int, cycle_start: Optional[int], next_full: int) -> None:
+        """Kinds from `start` on: the current cycle (begun at `cycle_start`)
+        runs until `next_full`, then a full step every cycle_length steps;
+        outside the window every step is full and the window's first step
+        begins a cycle."""
+        for i in range(start, self.step_count):
+            if not self.in_window[i]:
+                self.kinds[i] = StepKind.FULL
+                cycle_start = None
                 continue
-            if window_start is None:
-                window_start = i
-            self.kinds.append(self._kind_in_cycle((i - window_start) % config.cycle_length))
+            if cycle_start is None or i >= next_full:
+                cycle_start, next_full = i, i + self.config.cycle_length
+            self.kinds[i] = self._kind_in_cycle(i - cycle_start)
+
+    def last_full(self, step: int) -> int:
+        return next((i for i in range(step, -1, -1) if self.kinds[i] is StepKind.FULL), 0)
+
+    def force_full(self, step: int) -> bool:
+        """Error-aware schedule: `step` becomes a full step and a new cycle
+        begins there. False where it already was one."""
+        if self.kinds[step] is StepKind.FULL:
+            return False
+        self._lay_cycles(step, None, step)
+        return True
+
+    def postpone_full(self, step: int) -> bool:
+        """Error-aware schedule: the cycle that would end before `step` goes on
+        through it (full step tentatively at the next one), up to
+        max_cycle_length steps. False where `step` is no cycle's end inside the
+        window or the cycle is at its longest."""
+        if self.kinds[step] is not StepKind.FULL or step == 0 or not self.in_window[step] \
+                or not self.in_window[step - 1]:
+            return False
+        cycle_start = self.last_full(step - 1)
+        if step - cycle_start >= self.config.max_cycle_length:
+            return False
+        self._lay_cycles(step, cycle_start, step + 1)
+        return True
 
     def _tokencache_kinds(self, in_window, step_importance):
         """TokenCache: I-steps (full) placed by cumulative importance over the
@@ -79,6 +110,7 @@ class CacheSchedule:
         return kinds
 
     def _kind_in_cycle(self, position: int) -> StepKind:
+        """Position 0 is the cycle's full step; a stretched cycle goes on past cycle_length."""
         if position == 0:
             return StepKind.FULL
         mode = self.config.mode
@@ -96,8 +128,17 @@ class CacheSchedule:
         return self.kinds[step]
 
     def cache_needed_after(self, step: int) -> bool:
-        """Whether a later step reuses what this step computes."""
-        return step + 1 < self.step_count and self.kinds[step + 1] is not StepKind.FULL
+        """Whether a later step may use what this step computes: the next one
+        (under the error-aware schedule, a full step planned next may still be
+        postponed), or with forecasting any later cached step, which
+        extrapolates from the last computed steps."""
+        if step + 1 >= self.step_count:
+            return False
+        if self.config.forecast_order > 0 and any(k is not StepKind.FULL for k in self.kinds[step + 1:]):
+            return True
+        if self.config.max_error > 0:
+            return self.in_window[step] and self.in_window[step + 1]
+        return self.kinds[step + 1] is not StepKind.FULL
 
     def counts(self) -> dict:
         return {kind.value: self.kinds.count(kind) for kind in StepKind}

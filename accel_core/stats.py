@@ -17,6 +17,9 @@ class WorkStats:
     token_blocks_total: int = 0
     peak_cache_bytes: int = 0
     notes: list = field(default_factory=list)        # one-time messages (fallbacks)
+    step_errors: dict = field(default_factory=dict)  # step -> measured relative cache error (conservative steps)
+    full_steps_added: int = 0                        # error-aware schedule: full steps the measured error forced
+    full_steps_saved: int = 0                        # ... and cycle ends it postponed
 
     def record_step(self, step: int, kind: StepKind) -> None:
         # Several evaluations can share a step (split CFG, heun): a step that ran
@@ -34,6 +37,9 @@ class WorkStats:
         """Work spent choosing tokens: computed, with no uncached counterpart."""
         self.flops_computed += flops
         self.predictor_flops += flops
+
+    def record_error(self, step: int, error: float) -> None:
+        self.step_errors[step] = error
 
     def note_once(self, message: str) -> bool:
         if message in self.notes:
@@ -68,7 +74,13 @@ class WorkStats:
         predictor = ""
         if self.predictor_flops and self.flops_uncached:
             predictor = f", predictor {100 * self.predictor_flops / self.flops_uncached:.1f}%"
+        errors = ""
+        if self.step_errors:
+            values = list(self.step_errors.values())
+            errors = f", measured error mean {sum(values) / len(values):.3f} max {max(values):.3f}"
+        if self.full_steps_added or self.full_steps_saved:
+            errors += f", full steps +{self.full_steps_added}/-{self.full_steps_saved} by error"
         return (f"{name}: {len(self.step_kinds)} steps ({c['full']} full, {c['aggressive']} aggressive, "
                 f"{c['conservative']} conservative), computed {100 * self.work_fraction:.1f}% of block work"
                 f"{predictor} (theoretical {self.theoretical_speedup:.2f}x), "
-                f"cache peak {self.peak_cache_bytes / 2**20:.1f} MiB")
+                f"cache peak {self.peak_cache_bytes / 2**20:.1f} MiB{errors}")

@@ -6,6 +6,7 @@ accounting). Writes a Markdown report, a Pareto plot and an image grid.
 
     python bench/bench_reference.py                # full run (about 25 min on 2 cores)
     python bench/bench_reference.py --quick        # a couple of settings, few samples (CI)
+    python bench/bench_reference.py --fronts 20 28 50   # every cache against fewer steps (bench/fronts.py)
 """
 import argparse
 import json
@@ -62,13 +63,13 @@ PREDICTORS = {"learned": PREDICTOR_FILE,   # first_block, chained objective (the
               "mlp_mixer first_order": PREDICTOR_DIR / "shapes_reference_mlp_mixer_first_order.safetensors"}
 
 
-def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2, placement="measured"):
+def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2, placement="measured", forecast="reuse"):
     """TokenCache with one of the shipped predictors (PREDICTORS), or the
     training-free fallback ("change"), or random scores ("random"). I-steps
     from the shipped first-block predictor's calibration by `placement`
     (so scorings compare at the same I-steps), or "even"."""
     config = CacheConfig(mode="tokencache", cache_ratio=cache_ratio, i_steps=i_steps,
-                         protected_last_blocks=protected_last_blocks)
+                         protected_last_blocks=protected_last_blocks, forecast=forecast)
 
     def build(model):
         parts = tokencache_adapter_for(model).predictor_parts
@@ -101,8 +102,6 @@ def methods_for(args) -> list:
         config = CacheConfig(cycle_length=5, selector=selector)
         found.append(Method(f"DuCa N=5 r=0.9 {selector}", "DuCa selectors", ours(config), steps))
     found.append(Method("DuCa N=5 r=0.9 conservative-first", "DuCa order", ours(CacheConfig(cycle_length=5, aggressive_first=False)), steps))
-    found.append(Method("DuCa N=5 r=0.9 query-subset attention", "DuCa attention variant",
-                        ours(CacheConfig(cycle_length=5, attention_variant="query_subset")), steps))
     for i_steps, ratio in ((6, 0.9), (4, 0.9), (3, 0.9), (4, 0.8)):
         found.append(Method(f"TokenCache learned I={i_steps} r={ratio}", "TokenCache",
                             tokencache("learned", ratio, i_steps), steps))
@@ -133,7 +132,7 @@ def merged(earlier: dict, rows: list):
     return kept + list(fresh.values()), earlier.get("step_errors", {})
 
 
-def generate(model, labels, seed, steps, cfg, batch):
+def generate(model, labels, seed, steps, cfg, batch, sampler="euler", scheduler="simple"):
     """Images [N, 3, 64, 64] for labels [N, 3], in batches; batch b uses seed + b."""
     images = []
     for b, start in enumerate(range(0, labels.shape[0], batch)):
@@ -141,7 +140,7 @@ def generate(model, labels, seed, steps, cfg, batch):
         positive, negative = conditioning(chunk)
         side = shapes.IMAGE_SIZE // codec.DOWNSCALE
         latent = {"samples": torch.zeros(chunk.shape[0], codec.LATENT_CHANNELS, side, side)}
-        (out,) = nodes.common_ksampler(model, seed + b, steps, cfg, "euler", "simple", positive, negative, latent)
+        (out,) = nodes.common_ksampler(model, seed + b, steps, cfg, sampler, scheduler, positive, negative, latent)
         images.append(codec.decode(out["samples"].float()))
     return torch.cat(images)
 
@@ -192,6 +191,71 @@ def measure_step_errors(model, labels, args):
     return results
 
 
+def build_front_method(method, model):
+    """The model a fronts.FrontMethod samples with."""
+    if method.kind == "plain":
+        return model
+    if method.kind == "ours":
+        return patcher.apply_token_cache(model, CacheConfig(**method.config))
+    if method.kind == "tokencache":
+        return tokencache("learned", **method.config)(model)
+    node = EasyCacheNode if method.kind == "easycache" else LazyCacheNode
+    return node.execute(model, method.extra["threshold"], 0.15, 0.95, False).result[0]
+
+
+def measure_front(model, methods, labels, classifier, real_features, args, skips):
+    """Rows of one step count: quality of every method against the first
+    (uncached), and wall clock timed round-robin, median of args.repeats."""
+    rows, outputs, patched_models = [], {}, []
+    for method in methods:
+        patched = build_front_method(method, model)
+        skips.skipped = None
+        images = generate(patched, labels, args.seed, method.steps, args.cfg, args.batch, method.sampler)
+        outputs[method.name] = images
+        row = {"method": method.name, "family": method.family, "kind": method.kind, "steps": method.steps,
+               "sampler": method.sampler, **run_stats(patched, method, skips, methods[0].steps)}
+        settings = patched.model_options["transformer_options"].get(patcher.SETTINGS_KEY)
+        if settings is not None and settings.last_run is not None and settings.last_run.stats.step_errors:
+            errors = list(settings.last_run.stats.step_errors.values())
+            row["measured_error"] = sum(errors) / len(errors)
+        row.update({f"acc_{k}": v for k, v in accuracy(classifier.predict(images), labels).items()})
+        row["fd"] = float(metrics.frechet_distance(classifier.features(images), real_features))
+        rows.append(row)
+        patched_models.append(patched)
+        print(json.dumps(row), flush=True)
+    times = [[] for _ in methods]
+    timing_labels = labels[:args.timing_batch]
+    for _ in range(args.repeats):
+        for i, (method, patched) in enumerate(zip(methods, patched_models)):
+            start = time.perf_counter()
+            generate(patched, timing_labels, args.seed, method.steps, args.cfg, args.timing_batch, method.sampler)
+            times[i].append(time.perf_counter() - start)
+    reference = outputs[methods[0].name]
+    for row, seconds in zip(rows, times):
+        row["seconds"] = statistics.median(seconds)
+        row["wall_speedup"] = statistics.median(times[0]) / row["seconds"]
+        images = outputs[row["method"]]
+        row["psnr"] = float(metrics.psnr(images, reference).mean())
+        row["ssim"] = float(metrics.ssim(images, reference).mean())
+    return rows
+
+
+def run_fronts(args, model, classifier, labels, real_features, skips):
+    import fronts
+    from dit_token_cache.nodes.duca_node import DEFAULT_FORECAST
+    results = {}
+    for steps in args.fronts:
+        methods = fronts.front_methods(steps, args.quick, FRONT_MAX_ERRORS)
+        results[steps] = measure_front(model, methods, labels, classifier, real_features, args, skips)
+        (args.out / "fronts.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    print(fronts.write(results, args, f"DuCa N=5 {DEFAULT_FORECAST}"))
+
+
+# (forecast, max_error) of the error-aware rows: thresholds around the errors the
+# fixed N=5 cycle measures on this model
+FRONT_MAX_ERRORS = (("linear", 0.05), ("linear", 0.1), ("linear", 0.2), ("linear", 0.4))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=256)
@@ -204,9 +268,13 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", help="run uncached and the methods whose name starts with this")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "reference")
+    parser.add_argument("--fronts", type=int, nargs="+", metavar="STEPS",
+                        help="instead: the pack's caches against fewer steps at these step counts (bench/fronts.py)")
     args = parser.parse_args()
     if args.quick:
         args.samples, args.steps, args.batch, args.timing_batch, args.repeats = 16, 8, 16, 4, 1
+    elif args.fronts:
+        args.samples = min(args.samples, 64)
     args.out.mkdir(parents=True, exist_ok=True)
 
     skips = SkippedStepsLog().install()
@@ -217,6 +285,9 @@ def main():
     real_images = shapes.render(shapes.random_labels(args.samples, generator), generator)
     real_features = classifier.features(real_images)
     timing_labels = labels[:args.timing_batch]
+    if args.fronts:
+        run_fronts(args, model, classifier, labels, real_features, skips)
+        return
 
     rows, outputs = [], {}
     methods = methods_for(args)

@@ -131,28 +131,6 @@ def claim_order(rows):
             f"measured: {better} is closer to the uncached output ({first['psnr']:.2f} vs {second['psnr']:.2f} dB)")
 
 
-def claim_attention_variant(rows):
-    named = _by_name(rows)
-    reuse, variant = named.get("DuCa N=5 r=0.9"), named.get("DuCa N=5 r=0.9 query-subset attention")
-    if reuse is None or variant is None:
-        return None
-    lines = ["| conservative-step attention (DuCa N=5, r=0.9) | theoretical | PSNR dB | SSIM | class acc | FD |",
-             "|---|---|---|---|---|---|"]
-    for name, r in (("reused (research method)", reuse), ("selected queries attend over cached K/V", variant)):
-        lines.append(f"| {name} | {r['theoretical']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['acc_all']:.3f} | {r['fd']:.2f} |")
-    front = _front(rows, "DuCa")
-    at_same_work = _interpolate(front, variant["theoretical"])
-    if at_same_work is None:
-        verdict = "not comparable: the variant's speedup lies outside the measured DuCa front"
-    else:
-        better = variant["psnr"] > at_same_work
-        verdict = (f"{'the variant' if better else 'the research method'} gives more quality per unit of work: the variant "
-                   f"reaches {variant['psnr']:.2f} dB at {variant['theoretical']:.2f}x, where the research method's DuCa "
-                   f"front gives {at_same_work:.2f} dB")
-    return ("Query-subset attention (selected tokens recompute attention over cached K/V) vs the research method "
-            "(attention reused): quality per unit of work", "\n".join(lines), verdict)
-
-
 def _tokencache_rows(rows, header, entries):
     lines = [f"| {header} | theoretical | PSNR dB | SSIM | class acc | FD |", "|---|---|---|---|---|---|"]
     for label, r in entries:
@@ -256,7 +234,7 @@ def write(rows, step_errors, outputs, labels, args):
              f"cfg {args.cfg}; wall clock: batch of {args.timing_batch}, median of {args.repeats}.\n",
              results_table(rows), ""]
     for claim in (claim_selectors(rows), claim_step_errors(step_errors), claim_equal_work(rows), claim_order(rows),
-                  claim_attention_variant(rows), claim_tokencache(rows)):
+                  claim_tokencache(rows)):
         if claim is None:
             continue
         title, table, verdict = claim

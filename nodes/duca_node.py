@@ -2,10 +2,16 @@
 from comfy_api.v0_0_2 import io
 
 from ..accel_core.config import CACHE_DEVICES, DUCA_MODES, SELECTORS, CacheConfig
+from ..accel_core.forecast import FORECASTS
 from .families import supported_families
 from .patcher import apply_token_cache
 
 CATEGORY = "sampling/token_cache"
+DEFAULT_FORECAST = "linear"
+FORECAST_TOOLTIP = ("How values a step does not compute stand in for fresh ones: reuse (the research method) takes "
+                    "them as last computed; linear and quadratic extrapolate each value from the last two or three "
+                    "steps at which it was computed (a lower order where those are far apart). Each order keeps "
+                    "one more copy of the cache.")
 
 
 class DuCaCacheNode(io.ComfyNode):
@@ -44,6 +50,12 @@ class DuCaCacheNode(io.ComfyNode):
                 io.Combo.Input("cache_device", options=list(CACHE_DEVICES), default="model_device", advanced=True,
                                tooltip="Where the cache lives: with the model (fastest) or in CPU memory (saves GPU memory, "
                                        "costs transfers)."),
+                io.Combo.Input("forecast", options=list(FORECASTS), default=DEFAULT_FORECAST, tooltip=FORECAST_TOOLTIP),
+                io.Float.Input("max_error", default=0.0, min=0.0, max=10.0, step=0.005, advanced=True,
+                               tooltip="Error-aware schedule: conservative steps measure the cache error on the tokens "
+                                       "they recompute; above this relative error the next step is a full step, well "
+                                       "below it a cycle may stretch to twice cycle_length. 0 keeps fixed cycles. "
+                                       "Modes duca and toca."),
             ],
             outputs=[io.Model.Output(tooltip="The model with DuCa token caching.")],
             hidden=[io.Hidden.unique_id],
@@ -51,9 +63,11 @@ class DuCaCacheNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, cache_ratio, cycle_length, selector, start_percent, end_percent, seed,
-                mode="duca", staleness_weight=0.25, cache_device="model_device") -> io.NodeOutput:
+                mode="duca", staleness_weight=0.25, cache_device="model_device", forecast=DEFAULT_FORECAST,
+                max_error=0.0) -> io.NodeOutput:
         config = CacheConfig(cache_ratio=cache_ratio, cycle_length=cycle_length, selector=selector,
                              start_percent=start_percent, end_percent=end_percent, seed=seed, mode=mode,
-                             staleness_weight=staleness_weight, cache_device=cache_device)
+                             staleness_weight=staleness_weight, cache_device=cache_device, forecast=forecast,
+                             max_error=max_error)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         return io.NodeOutput(apply_token_cache(model, config, name=f"DuCa[{mode}]", node_id=node_id))

@@ -6,6 +6,8 @@ blocks' work to it."""
 import functools
 import logging
 
+import torch
+
 import comfy.model_patcher
 import comfy.patcher_extension
 
@@ -42,7 +44,17 @@ class TokenCacheSettings:
                                    self.config.seed, fallback)
         importance = importance_curve(self.calibration) if self.calibration else None
         return CacheRun(self.config, [float(s) for s in sample_sigmas], start_sigma, end_sigma, name=self.name,
-                        planner=planner, step_importance=importance)
+                        planner=planner, step_importance=importance, time_of=time_coordinate(model_sampling))
+
+
+def time_coordinate(model_sampling):
+    """sigma -> the model's own timestep scaled to [0, 1] by its value at
+    sigma_max: the coordinate forecasts extrapolate in. It is sigma itself for
+    flow-matching models (Flux, Wan, SD3, ...), and for discrete-time ones
+    (PixArt) it is evenly spaced where their sigmas are not."""
+    top = float(model_sampling.timestep(model_sampling.sigma_max))
+    scale = 1.0 / top if top > 0 else 1.0
+    return lambda sigma: float(model_sampling.timestep(torch.tensor(sigma, dtype=torch.float32))) * scale
 
 
 def show_on_node(node_id, text: str) -> None:
@@ -136,9 +148,6 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
     if config.selector not in adapter.selectors:
         raise ValueError(f"selector={config.selector!r} is not available for {adapter.family} models "
                          f"(it needs the attention's keys and values); accepted: {', '.join(adapter.selectors)}")
-    if config.attention_variant not in adapter.attention_variants:
-        raise ValueError(f"attention_variant={config.attention_variant!r} is not available for {adapter.family} "
-                         f"models; accepted: {', '.join(adapter.attention_variants)}")
     patched = model.clone()
     settings = TokenCacheSettings(config, name, node_id, planner_args, calibration)
     patched.model_options["transformer_options"][SETTINGS_KEY] = settings

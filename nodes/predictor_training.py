@@ -301,7 +301,7 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
     calibration = calibrate(last_evaluations, predictor, model.load_device)
     window = max(1, min(20, len(losses)))
     metadata = {
-        "family": adapter.family,
+        "family": adapter.family_key,
         "hidden_size": adapter.hidden,
         "blocks": adapter.block_count,
         "block_counts": {"double": len(adapter.double_blocks), "single": len(adapter.single_blocks)},
@@ -319,6 +319,7 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
 def predictor_expectations(adapter) -> dict:
     """What a predictor file must have been trained for to drive the model of
     `adapter` (tokencache_adapter_for)."""
-    return {"family": adapter.family, "hidden_size": adapter.hidden, "blocks": adapter.block_count,
-            "token_layout": TOKEN_LAYOUT}
+    # files written before families had keys name the family by its label
+    return {"family": (adapter.family_key, adapter.family), "hidden_size": adapter.hidden,
+            "blocks": adapter.block_count, "token_layout": TOKEN_LAYOUT}
 

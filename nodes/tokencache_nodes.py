@@ -10,6 +10,8 @@ import comfy.samplers
 import comfy.utils
 
 from ..accel_core.config import CacheConfig
+from ..accel_core.forecast import FORECASTS
+from .duca_node import DEFAULT_FORECAST, FORECAST_TOOLTIP
 from ..accel_core.predictor_file import PredictorFileError, load_predictor, save_predictor
 from ..reference.model import PREDICTOR_DIR
 from .patcher import apply_token_cache, show_on_node
@@ -93,6 +95,7 @@ class TokenCacheNode(io.ComfyNode):
                                tooltip="Where the I-steps go, from the predictor's calibration run: where the measured "
                                        "cost of reusing the cache accumulates, where the predicted importance does "
                                        "(the paper's rule), or evenly. Without a predictor: evenly."),
+                io.Combo.Input("forecast", options=list(FORECASTS), default=DEFAULT_FORECAST, tooltip=FORECAST_TOOLTIP),
             ],
             outputs=[io.Model.Output(tooltip="The model with TokenCache.")],
             hidden=[io.Hidden.unique_id],
@@ -100,10 +103,10 @@ class TokenCacheNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, predictor, cache_ratio, i_steps, protected_last_blocks, start_percent,
-                end_percent, i_step_placement="measured") -> io.NodeOutput:
+                end_percent, i_step_placement="measured", forecast=DEFAULT_FORECAST) -> io.NodeOutput:
         config = CacheConfig(mode="tokencache", cache_ratio=cache_ratio, i_steps=i_steps,
                              protected_last_blocks=protected_last_blocks, start_percent=start_percent,
-                             end_percent=end_percent)
+                             end_percent=end_percent, forecast=forecast)
         learned, calibration = (None, None) if predictor == NO_PREDICTOR else load_for_model(model, predictor)
         calibration = step_importance(calibration, i_step_placement)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None

@@ -122,6 +122,65 @@ def test_double_block_full_and_conservative_steps(flux):
     run.end_forward()
 
 
+@pytest.mark.parametrize("forecast, full_sigmas", [("linear", (0.8, 0.6)), ("quadratic", (0.8, 0.7, 0.55))])
+def test_double_block_conservative_step_with_forecasting(flux, forecast, full_sigmas):
+    """Full steps at uneven sigmas, then a conservative step: the cached
+    attention output and the MLP output of every unselected token are the
+    polynomial through their recorded values (taken from ComfyUI's own block
+    with forward hooks), evaluated at the new sigma; selected tokens compute."""
+    dm = flux.model.diffusion_model
+    block = dm.double_blocks[1]
+    adapter = FluxFamilyAdapter(dm, "Flux")
+    sigmas = [*full_sigmas, 0.3, 0.0]
+    run = CacheRun(CacheConfig(cycle_length=len(sigmas) - 1, mode="toca", cache_ratio=0.7, seed=5, forecast=forecast),
+                   sigmas, 1.0, 0.0)
+    run.schedule.kinds = [StepKind.FULL] * len(full_sigmas) + [StepKind.CONSERVATIVE]
+    img, txt, pe, _, vec = _inputs(dm)
+    g = torch.Generator().manual_seed(7)
+    uuids = ["cond", "uncond"]
+
+    def args(i, t, v):
+        return {"img": i.clone(), "txt": t.clone(), "vec": v, "pe": pe, "attn_mask": None, "transformer_options": {}}
+
+    recorded = []
+    for sigma in full_sigmas:
+        step_img, step_txt = img + sigma * torch.randn(img.shape, generator=g), txt + sigma * torch.randn(txt.shape, generator=g)
+        step_vec = vec + sigma * torch.randn(vec.shape, generator=g)
+        assert run.begin_forward(sigma, uuids, ("sig",)).kind is StepKind.FULL
+        adapter.double_block(run, 1, args(step_img, step_txt, step_vec), fail_on_fallback)
+        capture = Capture({"img_proj": block.img_attn.proj, "img_mlp": block.img_mlp})
+        block(img=step_img.clone(), txt=step_txt.clone(), vec=step_vec, pe=pe, attn_mask=None, transformer_options={})
+        capture.close()
+        recorded.append(capture.out)
+        run.put_final(torch.zeros(2, 1, 1))
+        run.end_forward()
+
+    def polynomial(values, at):
+        """The polynomial through (full_sigmas[k], values[k]) at `at`, by Lagrange's formula."""
+        total = 0
+        for k, (s_k, v_k) in enumerate(zip(full_sigmas, values)):
+            weight = 1.0
+            for j, s_j in enumerate(full_sigmas):
+                if j != k:
+                    weight *= (at - s_j) / (s_k - s_j)
+            total = total + weight * v_k
+        return total
+
+    assert run.begin_forward(0.3, uuids, ("sig",)).kind is StepKind.CONSERVATIVE
+    out = adapter.double_block(run, 1, args(img, txt, vec), fail_on_fallback)
+    index = run.last_selection[1]
+    pick = index[index >= txt.shape[1]] - txt.shape[1]
+    img_mod1, img_mod2 = block.img_mod(vec)
+    x = img + img_mod1.gate * polynomial([r["img_proj"] for r in recorded], 0.3)
+    mlp_out = polynomial([r["img_mlp"] for r in recorded], 0.3)
+    mlp_out[:, pick] = block.img_mlp(torch.addcmul(img_mod2.shift, block.img_norm2(x[:, pick]), 1 + img_mod2.scale))
+    torch.testing.assert_close(out["img"], x + img_mod2.gate * mlp_out, rtol=1e-4, atol=1e-4)
+    # and it is not reuse in disguise
+    reused = img + img_mod1.gate * recorded[-1]["img_proj"]
+    assert not torch.allclose(out["img"], reused + img_mod2.gate * recorded[-1]["img_mlp"], atol=1e-3)
+    run.end_forward()
+
+
 def test_single_block_full_and_conservative_steps(flux):
     dm = flux.model.diffusion_model
     block = dm.single_blocks[0]
@@ -181,7 +240,7 @@ def test_work_accounting_matches_schedule(flux):
 @pytest.mark.parametrize("settings", [
     {"mode": "duca"}, {"mode": "toca"}, {"mode": "fora"},
     {"selector": "v_norm"}, {"selector": "k_norm"}, {"selector": "similarity"}, {"selector": "attention"},
-    {"cache_device": "cpu"}, {"attention_variant": "query_subset", "mode": "toca"},
+    {"cache_device": "cpu"},
 ])
 def test_each_mode_and_selector_is_deterministic_and_close_to_uncached(flux, settings):
     base = sample(flux)
@@ -371,34 +430,3 @@ def test_block_replaced_by_another_node_keeps_that_patch(flux):
     stats = stats_of(cached)
     assert len(calls) == stats.counts()["full"] + stats.counts()["conservative"]   # skipped only when nothing computes
     assert any("block replacement from another node" in note for note in stats.notes)
-
-
-@pytest.mark.parametrize("kind", ["double", "single"])
-def test_query_subset_variant_recomputing_every_token_equals_full_compute(flux, kind):
-    """With every token selected, the variant recomputes all queries, keys and
-    values: its conservative step must equal the block's own forward, while the
-    research method (attention reused) must not."""
-    dm = flux.model.diffusion_model
-    adapter = FluxFamilyAdapter(dm, "Flux")
-    img, txt, pe, vec_a, vec_b = _inputs(dm, seed=2)
-    img_b, txt_b = img + 0.3 * torch.randn_like(img), txt + 0.3 * torch.randn_like(txt)
-    outputs = {}
-    for variant in ("query_subset", "reuse"):
-        run = CacheRun(CacheConfig(cycle_length=3, cache_ratio=0.0, attention_variant=variant), [1.0, 0.6, 0.3, 0.0], 1.0, 0.0)
-        for sigma, (i, t, vec) in ((1.0, (img, txt, vec_a)), (0.3, (img_b, txt_b, vec_b))):
-            run.begin_forward(sigma, ["cond", "uncond"], ("sig",))
-            if kind == "double":
-                out = adapter.double_block(run, 0, {"img": i.clone(), "txt": t.clone(), "vec": vec, "pe": pe,
-                                                    "attn_mask": None, "transformer_options": {}}, fail_on_fallback)["img"]
-            else:
-                out = adapter.single_block(run, 0, {"img": torch.cat((t, i), 1), "vec": vec, "pe": pe,
-                                                    "attn_mask": None, "transformer_options": {}}, fail_on_fallback)["img"]
-            run.put_final(torch.zeros(2, 1, 1))
-            run.end_forward()
-        outputs[variant] = out
-    if kind == "double":
-        full = dm.double_blocks[0](img=img_b.clone(), txt=txt_b.clone(), vec=vec_b, pe=pe, attn_mask=None, transformer_options={})[0]
-    else:
-        full = dm.single_blocks[0](torch.cat((txt_b, img_b), 1), vec=vec_b, pe=pe, attn_mask=None, transformer_options={})
-    torch.testing.assert_close(outputs["query_subset"], full, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(outputs["reuse"], full, atol=1e-3)

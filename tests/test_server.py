@@ -19,6 +19,8 @@ import workflow_tools as wt  # scripts/, on sys.path through conftest
 from comfy_server import execution_errors, start_server
 from tiny_models import FAMILIES, build_checkpoint, model_config
 
+from dit_token_cache.nodes.duca_node import DEFAULT_FORECAST
+
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("DTC_COMFYUI", REPO / ".dtc" / "ComfyUI")).resolve()
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -46,7 +48,7 @@ TINY_STEPS = 6
 SHIPPED_MODEL = "TokenCacheShapesModel"
 
 DUCA_WIDGETS = ["cache_ratio", "cycle_length", "selector", "start_percent", "end_percent", "seed",
-                "mode", "staleness_weight", "cache_device"]
+                "mode", "staleness_weight", "cache_device", "forecast", "max_error"]
 
 SUMMARY = re.compile(r"DuCa\[(\w+)\]: (\d+) steps \((\d+) full, (\d+) aggressive, (\d+) conservative\)")
 TOKENCACHE_SUMMARY = re.compile(r"TokenCache\[(\w+)\]: (\d+) steps \((\d+) full, (\d+) aggressive, (\d+) conservative\)")
@@ -192,10 +194,12 @@ def test_node_definition(server):
     assert [s.name for s in specs] == DUCA_WIDGETS
     assert {s.name: s.extra for s in specs if s.extra} == {"seed": ("control",)}
     assert wt.default_control(specs[DUCA_WIDGETS.index("seed")]) == "fixed"
-    assert [s.name for s in specs if s.options.get("advanced")] == ["mode", "staleness_weight", "cache_device"]
+    assert [s.name for s in specs if s.options.get("advanced")] == ["mode", "staleness_weight", "cache_device",
+                                                                     "max_error"]
     combos = {s.name: list(s.choices) for s in specs if s.kind == "COMBO"}
     assert combos == {"selector": ["random", "v_norm", "k_norm", "similarity", "attention"],
-                      "mode": ["duca", "toca", "fora"], "cache_device": ["model_device", "cpu"]}
+                      "mode": ["duca", "toca", "fora"], "cache_device": ["model_device", "cpu"],
+                      "forecast": ["reuse", "linear", "quadratic"]}
 
 
 def test_workflows_present():
@@ -204,7 +208,8 @@ def test_workflows_present():
 
 
 @pytest.mark.parametrize("name, node_type, added", [
-    ("shapes_reference_tokencache", "TokenCache", {"i_step_placement": "measured"}),
+    ("shapes_reference_tokencache", "TokenCache", {"i_step_placement": "measured", "forecast": DEFAULT_FORECAST}),
+    ("shapes_reference_duca", "DuCaCache", {"forecast": DEFAULT_FORECAST, "max_error": 0.0}),
     ("shapes_reference_train_predictor", TRAIN_NODE, {"architecture": "first_block", "objective": "chained"})])
 def test_workflow_saved_before_new_widgets_loads_with_their_defaults(name, node_type, added, object_info):
     """Files shared before a widget was added at the end still load: the new
@@ -353,7 +358,7 @@ def test_checker_finds_mistakes(object_info):
         return wt.check_ui_workflow(workflow, object_info)
 
     values = duca["widgets_values"]
-    assert any("expected 10" in p for p in broken(values=values[:6] + values[7:]))  # seed's control value dropped
+    assert any("expected 12" in p for p in broken(values=values[:6] + values[7:]))  # seed's control value dropped
     assert any("selector" in p and "options" in p for p in broken(values=values[:2] + ["best"] + values[3:]))
     assert any("cycle_length" in p and "below min" in p for p in broken(values=values[:1] + [0] + values[2:]))
     assert any("cache_ratio" in p and "above max" in p for p in broken(values=[2.0] + values[1:]))

@@ -73,7 +73,7 @@ def test_training_lowers_the_loss_and_the_file_round_trips(flux, trained):
     predictor, metadata = _load(flux, trained)
     training = metadata["training"]
     assert training["final_loss"] < training["first_loss"], training
-    assert metadata["family"] == "Flux" and metadata["blocks"] == 4
+    assert metadata["family"] == "flux" and metadata["blocks"] == 4
     assert metadata["predictor"]["architecture"] == "first_block" and training["objective"] == "chained"
     calibration = metadata["calibration"]
     # one measured reuse error and one mean predicted score per step after the first

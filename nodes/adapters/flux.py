@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from comfy.ldm.flux.layers import ModulationOut, apply_mod
 from comfy.ldm.flux.math import apply_rope1, attention
 
-from ...accel_core.config import ATTENTION_VARIANTS, SELECTORS
+from ...accel_core.config import SELECTORS
 from ...accel_core.schedule import StepKind
 from ...accel_core.selectors import attention_scores, norm_scores, sampled_query_indices, similarity_scores
 from ...accel_core.tokencache import PlanningInput, map_block_args
@@ -258,8 +258,8 @@ class FluxFamilyAdapter:
     token subset. Token index space per evaluation: cat(txt, img), the layout of
     the single-stream blocks; double blocks split it at len(txt)."""
 
+    family_key = ""   # set by families.adapter_for
     selectors = SELECTORS
-    attention_variants = ATTENTION_VARIANTS
     tokencache = True   # TokenCache plans from the first block's input, cat(txt, img)
 
     def __init__(self, diffusion_model, family: str):
@@ -376,9 +376,6 @@ class FluxFamilyAdapter:
         index = run.select(i, tokens, self._scores(run, i, x_joint), img.device)
         txt_index, img_index = index[index < txt_len], index[index >= txt_len] - txt_len
         computed = rows * index.numel() * self.double_mlp_flops
-        if self._queries_attend(run, i, args) and index.numel():
-            self._double_attend(run, i, block, args, mods, index, txt_index, img_index)
-            computed += rows * index.numel() * (self.double_attn_flops + 4 * tokens * self.hidden)
         img = self._refresh_stream(run, i, "img", img, img_index, block.img_norm2, block.img_mlp, img_mod1, img_mod2)
         txt = _finite_fp16(self._refresh_stream(run, i, "txt", txt, txt_index, block.txt_norm2, block.txt_mlp, txt_mod1, txt_mod2))
         run.stats.record_block(full_flops, computed, rows * tokens, rows * index.numel())
@@ -412,9 +409,8 @@ class FluxFamilyAdapter:
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
         else:
             index = run.select(block_id, tokens, self._scores(run, block_id, x), x.device)
-            attend = self._queries_attend(run, block_id, args)
-            out = self._single_subset(run, block_id, block, args, mod, index, attend)
-            computed = rows * index.numel() * (self.single_flops + (4 * tokens * self.hidden if attend else 0))
+            out = self._single_subset(run, block_id, block, args, mod, index)
+            computed = rows * index.numel() * self.single_flops
             run.stats.record_block(full_flops, computed, rows * tokens, rows * index.numel())
         if i == self.last_single:
             run.put_final(out["img"])
@@ -442,40 +438,7 @@ class FluxFamilyAdapter:
         return False
 
     # -- selection features ---------------------------------------------------------
-    # -- query-subset attention variant ----------------------------------------------
-    def _queries_attend(self, run, block_id, args) -> bool:
-        """The variant needs the keys/values of the last full step, and no mask
-        (a mask is laid out for all queries)."""
-        return (run.config.attention_variant == "query_subset" and run.has(block_id, "k")
-                and args.get("attn_mask", args.get("attention_mask")) is None)
-
-    def _attend_subset(self, run, block_id, args, index, q, k, v):
-        """Fresh q/k/v of the selected tokens ([B, H, k, d]); keys and values of
-        the others from the cache. Returns their attention output [B, k, H*d]."""
-        run.scatter(block_id, "k", index, k, dim=2)
-        run.scatter(block_id, "v", index, v, dim=2)
-        keys, values = run.get(block_id, "k", q.device).to(q.dtype), run.get(block_id, "v", q.device).to(q.dtype)
-        pe = args["pe"]
-        if pe is not None:
-            q, keys = apply_rope1(q, pe[:, :, index]), apply_rope1(keys, pe)
-        return _attention(q, keys, values, {**args, "pe": None})
-
-    def _double_attend(self, run, i, block, args, mods, index, txt_index, img_index):
-        img_mod1, _, txt_mod1, _ = mods
-        txt_q, txt_k, txt_v = _stream_qkv(block.txt_norm1, block.txt_attn, _take(txt_mod1, txt_index),
-                                          args["txt"][:, txt_index], block.num_heads)
-        img_q, img_k, img_v = _stream_qkv(block.img_norm1, block.img_attn, _take(img_mod1, img_index),
-                                          args["img"][:, img_index], block.num_heads)
-        attn = self._attend_subset(run, i, args, index, torch.cat((txt_q, img_q), dim=2),
-                                   torch.cat((txt_k, img_k), dim=2), torch.cat((txt_v, img_v), dim=2))
-        selected_txt = txt_index.numel()
-        run.scatter(i, "txt_attn", txt_index, block.txt_attn.proj(attn[:, :selected_txt]))
-        run.scatter(i, "img_attn", img_index, block.img_attn.proj(attn[:, selected_txt:]))
-
     def _keep_features(self, run, block_id, x_joint, q, k, v, pe):
-        if run.config.attention_variant == "query_subset":
-            run.put(block_id, "k", k)
-            run.put(block_id, "v", v)
         selector = run.config.selector
         if selector == "v_norm":
             run.put(block_id, "score", norm_scores(v))
@@ -506,41 +469,38 @@ class FluxFamilyAdapter:
         img, txt, branches = double_block_forward(block, args, mods, on_qkv=keep)
         run.note_change(i, [("txt_mlp", branches["txt_mlp"]), ("img_mlp", branches["img_mlp"])])
         for name, branch in branches.items():
-            run.put(i, name, branch)
+            run.put_feature(i, name, branch)
         run.reset_staleness(i, txt.shape[1] + img.shape[1], img.device)
         return {"img": img, "txt": txt}
 
     def _refresh_stream(self, run, i, stream, x, index, norm2, mlp, mod1, mod2):
-        """Cached attention output re-gated for every token; the MLP recomputed
-        for the selected tokens on their current input and written back."""
-        x = x + _gated(run.get(i, stream + "_attn", x.device).to(x.dtype), mod1)
+        """Cached attention output (estimated at this step) re-gated for every
+        token; the MLP recomputed for the selected tokens on their current
+        input and written back, the others' estimated."""
+        x = x + _gated(run.estimate(i, stream + "_attn", x.device).to(x.dtype), mod1)
         if index.numel():
-            run.scatter(i, stream + "_mlp", index, _mlp_branch(x[:, index], norm2, mlp, _take(mod2, index)))
-        return x + _gated(run.get(i, stream + "_mlp", x.device).to(x.dtype), mod2)
+            run.scatter_feature(i, stream + "_mlp", index, _mlp_branch(x[:, index], norm2, mlp, _take(mod2, index)))
+        return x + _gated(run.estimate(i, stream + "_mlp", x.device).to(x.dtype), mod2)
 
     def _single_full(self, run, block_id, block, args, mod):
         def keep(x_joint, q, k, v):
             self._keep_features(run, block_id, x_joint, q, k, v, args["pe"])
         x, attn, output = single_block_forward(block, args, mod, on_qkv=keep)
         run.note_change(block_id, [("out", output)])
-        run.put(block_id, "attn", attn)
-        run.put(block_id, "out", output)
+        run.put_feature(block_id, "attn", attn)
+        run.put_feature(block_id, "out", output)
         run.reset_staleness(block_id, x.shape[1], x.device)
         return {"img": x}
 
-    def _single_subset(self, run, block_id, block, args, mod, index, attend):
+    def _single_subset(self, run, block_id, block, args, mod, index):
         """Selected tokens: MLP half of linear1 on their current input, joined
-        with their attention output (stale, or recomputed against all keys when
-        `attend`) through linear2. Every token adds the current gate times the
-        (partly refreshed) cached output."""
+        with their cached attention output (estimated at this step) through
+        linear2. Every token adds the current gate times the (partly refreshed,
+        otherwise estimated) cached output."""
         x = args["img"]
         if index.numel():
-            qkv, mlp = torch.split(block.linear1(_modulate(block.pre_norm(x[:, index]), _take(mod, index))),
-                                   [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
-            if attend:
-                q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-                q, k = block.norm(q, k, v)
-                run.scatter(block_id, "attn", index, self._attend_subset(run, block_id, args, index, q, k, v))
-            attn = run.get(block_id, "attn", x.device)[:, index].to(x.dtype)
-            run.scatter(block_id, "out", index, block.linear2(torch.cat((attn, _single_mlp_act(block, mlp)), 2)))
-        return {"img": _single_finish(x, mod, run.get(block_id, "out", x.device).to(x.dtype))}
+            mlp = torch.split(block.linear1(_modulate(block.pre_norm(x[:, index]), _take(mod, index))),
+                              [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)[1]
+            attn = run.estimate_tokens(block_id, "attn", index, x.device).to(x.dtype)
+            run.scatter_feature(block_id, "out", index, block.linear2(torch.cat((attn, _single_mlp_act(block, mlp)), 2)))
+        return {"img": _single_finish(x, mod, run.estimate(block_id, "out", x.device).to(x.dtype))}

@@ -14,11 +14,11 @@ included. A family adapter only declares which submodules play which role:
   selected tokens only at conservative steps; its cached output gets their
   fresh rows.
 
-Aggressive steps skip the blocks: each returns its input, the last one the
-cached output of the last computed step.
+Aggressive steps skip the blocks: each returns its input, the last one its
+output estimated from the last computed steps.
 """
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -68,6 +68,41 @@ def _flatten(output):
     return list(output) if isinstance(output, (tuple, list)) else [output]
 
 
+@dataclass(frozen=True)
+class OutputLayout:
+    """How to rebuild a module's output from its cached tensors."""
+    present: tuple        # per part: whether it is a tensor (cached) or None
+    kind: type            # tuple, list, or the tensor type of a single output
+
+    @classmethod
+    def of(cls, output):
+        return cls(tuple(p is not None for p in _flatten(output)), type(output))
+
+    def rebuild(self, parts):
+        return self.kind(parts) if self.kind in (tuple, list) else parts[0]
+
+
+@dataclass
+class BlockWork:
+    flops_per_row: float
+    tokens_per_row: float
+    streams: int
+
+
+@dataclass
+class ModulewiseRunState:
+    """What the engine learns about the model during one run (CacheRun.adapter_state)."""
+    work: dict = field(default_factory=dict)      # block id -> BlockWork, from its last full step
+    outputs: dict = field(default_factory=dict)   # (block id, module key) -> OutputLayout
+    final: Optional[OutputLayout] = None          # the last block's output
+
+
+def _state(run) -> ModulewiseRunState:
+    if run.adapter_state is None:
+        run.adapter_state = ModulewiseRunState()
+    return run.adapter_state
+
+
 class _BlockCall:
     """Work, token counts and selections of one block call."""
 
@@ -87,8 +122,8 @@ def _first_tensor(args, kwargs) -> torch.Tensor:
 class ModulewiseAdapter:
     """Declared roles of a family's block submodules, and the patches that act on them."""
 
+    family_key = ""   # set by families.adapter_for
     selectors = SELECTORS
-    attention_variants = ("reuse",)
     tokencache = False
 
     def __init__(self, diffusion_model, family: str, groups: Sequence[BlockGroup]):
@@ -120,11 +155,11 @@ class ModulewiseAdapter:
         if plan is None:
             return forward(*args, **kwargs)
         if plan.kind is StepKind.AGGRESSIVE:
-            flops_per_row, tokens_per_row, streams = run.layout[("work", block_id)]
+            work = _state(run).work[block_id]
             first = _first_tensor(args, kwargs)
             rows = first.shape[0]
-            run.age_all(block_id, streams)
-            run.stats.record_block(rows * flops_per_row, 0, rows * tokens_per_row, 0)
+            run.age_all(block_id, work.streams)
+            run.stats.record_block(rows * work.flops_per_row, 0, rows * work.tokens_per_row, 0)
             if block_id == self.last_block:
                 return self._cached_output(run, first.device)
             return group.passthrough(args, kwargs)
@@ -135,7 +170,8 @@ class ModulewiseAdapter:
             call, self.call = self.call, None
         if plan.kind is StepKind.FULL and plan.fill:
             rows = _first_tensor(args, kwargs).shape[0]
-            run.layout[("work", block_id)] = (call.full_flops / rows, call.tokens / rows, 1 + max(call.stream_tokens, default=0))
+            _state(run).work[block_id] = BlockWork(call.full_flops / rows, call.tokens / rows,
+                                                   1 + max(call.stream_tokens, default=0))
             for stream, (tokens, device) in call.stream_tokens.items():
                 run.reset_staleness(block_id, tokens, device, stream)
             if block_id == self.last_block:
@@ -178,14 +214,14 @@ class ModulewiseAdapter:
                 fresh = forward(*args, **{**kwargs, spec.input_name: x[:, index]})
             else:
                 fresh = forward(x[:, index], *args[1:], **kwargs)
-            run.scatter(block_id, key + "0", index, fresh)
+            run.scatter_feature(block_id, key + "0", index, fresh)
         return self._get_output(run, block_id, key, x.device)
 
     def _fill(self, run, block_id, spec, key, x, output):
-        parts = _flatten(output)
-        for j, part in enumerate(parts):
-            run.put(block_id, key + str(j), part)
-        run.layout[("parts", block_id, key)] = (len(parts), isinstance(output, (tuple, list)), type(output))
+        for j, part in enumerate(_flatten(output)):
+            if part is not None:
+                run.put_feature(block_id, key + str(j), part)
+        _state(run).outputs[(block_id, key)] = OutputLayout.of(output)
         if spec.role == SUBSET and run.config.selector == "similarity":
             run.put(block_id, key + "input", x)
 
@@ -203,10 +239,10 @@ class ModulewiseAdapter:
         return False
 
     def _get_output(self, run, block_id, key, device):
-        count, is_sequence, kind = run.layout[("parts", block_id, key)]
+        layout = _state(run).outputs[(block_id, key)]
         # copies: the block may update what it is given in place
-        parts = [run.get(block_id, key + str(j), device).clone() for j in range(count)]
-        return kind(parts) if is_sequence else parts[0]
+        return layout.rebuild([run.estimate(block_id, key + str(j), device).clone() if present else None
+                               for j, present in enumerate(layout.present)])
 
     def _selection(self, run, block_id, spec, key, x):
         """One selection per block and stream, shared by the stream's submodules."""
@@ -217,16 +253,12 @@ class ModulewiseAdapter:
             self.call.selection[spec.stream] = index
         return index
 
-    # -- the last block's output, reused by aggressive steps ----------------------------
+    # -- the last block's output, estimated by aggressive steps ----------------------
     def _store_output(self, run, output):
-        parts = _flatten(output)
-        run.layout["final"] = ([p is not None for p in parts], isinstance(output, (tuple, list)), type(output))
-        for j, part in enumerate(parts):
-            if part is not None:
-                run.put(self.last_block, f"final#{j}", part)
-        run.put_final(torch.zeros(len(run.plan.uuids)))   # marks the final state as cached
+        _state(run).final = OutputLayout.of(output)
+        run.put_final(*_flatten(output))
 
     def _cached_output(self, run, device):
-        present, is_sequence, kind = run.layout["final"]
-        parts = [run.get(self.last_block, f"final#{j}", device).clone() if has else None for j, has in enumerate(present)]
-        return kind(parts) if is_sequence else parts[0]
+        layout = _state(run).final
+        return layout.rebuild([run.get_final(device, part=j) if present else None
+                               for j, present in enumerate(layout.present)])
