@@ -9,6 +9,7 @@ their history at this step's time (forecast.FeatureHistory; reuse is order
 values are from the estimate is the step's measured cache error, which the
 error-aware schedule (config.max_error) turns into full steps added or saved.
 """
+import enum
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Sequence
 
@@ -20,6 +21,15 @@ from .schedule import CacheSchedule, StepKind
 from .selectors import pick_tokens, random_scores
 from .stats import WorkStats
 from .tokencache import PlanningInput, TokenPlanner, change_importance
+
+
+class BlockMode(enum.Enum):
+    """What one block does at one evaluation: the run decides, the adapter computes."""
+    FULL = "full"            # every token computed; fills the cache (at full steps, the trend forecasts follow)
+    SUBSET = "subset"        # the selected tokens computed, every other value estimated from the cache
+    ESTIMATE = "estimate"    # nothing computed: the block passes its input on, the last block's output is estimated
+    FALLBACK = "fallback"    # the host's own block, nothing cached (why, when it matters, is logged once)
+
 
 FINAL = "final"   # cache keys (FINAL, part) of the model's last hidden state, which aggressive steps estimate
 
@@ -112,6 +122,28 @@ class CacheRun:
         self.store.clear()
 
     # -- block-level helpers ----------------------------------------------------
+    def enter_block(self, block_id: int, streams: int = 1,
+                    unavailable: Optional[Callable[[], Optional[str]]] = None) -> BlockMode:
+        """The block's mode at this evaluation. unavailable() says why the
+        block cannot run cached (None where it can); asked only where it would."""
+        kind = self.plan.kind
+        if kind is StepKind.AGGRESSIVE:
+            self.age_all(block_id, streams)
+            return BlockMode.ESTIMATE
+        if not self.plan.fill:
+            return BlockMode.FALLBACK   # no later step reads what this one computes
+        reason = unavailable() if unavailable is not None else None
+        if reason is not None:
+            self.stats.warn_once(f"{self.name}: {reason}")
+            return BlockMode.FALLBACK
+        if kind is StepKind.FULL or self.computes_in_full(block_id):
+            return BlockMode.FULL
+        return BlockMode.SUBSET
+
+    def leave_block(self, uncached_flops: float, computed_flops: float, tokens: int, computed_tokens: int) -> None:
+        """The block's work at this evaluation, against an uncached run's."""
+        self.stats.record_block(uncached_flops, computed_flops, tokens, computed_tokens)
+
     def put(self, block_id: int, name: str, tensor: torch.Tensor) -> None:
         """A plain entry (staleness, selector features), never estimated."""
         self.store.put(self.plan.uuids, (block_id, name), tensor)

@@ -71,3 +71,37 @@ def test_benchmark_runner_quick_mode(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| uncached |" in report and "| DuCa N=3 r=0.9 |" in report
     assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_fronts_benchmark_quick_mode(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "bench_reference.py"), "--quick", "--fronts", "6",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = (tmp_path / "fronts.md").read_text()
+    for row in ("| uncached |", "| DuCa N=3 linear |", "| FORA N=3 reuse |", "| 3 dpmpp_2m steps |",
+                "| DuCa N=5 linear max_error=0.05 |"):
+        assert row in report, row
+    assert "Target: " in report and "Default (DuCa N=5 linear)" in report
+    assert (tmp_path / "front_6.png").stat().st_size > 0
+
+
+def test_fronts_report_reads_the_gap_to_fewer_steps_at_equal_wall_speedup():
+    sys.path.insert(0, str(REPO / "bench"))
+    import fronts
+
+    def row(method, kind, family, wall, psnr):
+        return {"method": method, "kind": kind, "family": family, "wall_speedup": wall, "psnr": psnr}
+    rows = [row("uncached", "plain", "uncached", 1.0, float("inf")),
+            row("10 euler steps", "plain", "fewer steps euler", 2.0, 34.0),
+            row("5 euler steps", "plain", "fewer steps euler", 4.0, 28.0),
+            row("5 dpmpp_2m steps", "plain", "fewer steps dpmpp_2m", 4.0, 29.0),
+            row("DuCa N=5 linear", "ours", "DuCa linear", 3.5, 32.0),
+            row("DuCa N=8 reuse", "ours", "DuCa reuse", 3.0, 30.0),
+            row("FORA N=8 reuse", "ours", "FORA reuse", 6.0, 25.0)]
+    gap, verdict = fronts.target_verdict(rows)
+    # fewer steps at 3.5x: between (2.0, 34.0) and (4.0, 29.0) on the best samplers' envelope: 30.25 dB
+    assert gap == pytest.approx(32.0 - 30.25) and verdict.startswith("reached") and "DuCa N=5 linear" in verdict
+    assert fronts.default_on_front(rows, "DuCa N=5 linear").startswith("on the front")
+    assert fronts.default_on_front(rows, "DuCa N=8 reuse").startswith("off the front: DuCa N=5 linear")
+    rows[4]["psnr"] = 30.5
+    assert fronts.target_verdict(rows)[1].startswith("not reached")

@@ -23,8 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ...accel_core.run import staleness_key
-from ...accel_core.schedule import StepKind
+from ...accel_core.run import BlockMode, staleness_key
 from ...accel_core.selectors import similarity_scores
 
 REUSE, SUBSET = "reuse", "subset"
@@ -104,9 +103,10 @@ def _state(run) -> ModulewiseRunState:
 
 
 class _BlockCall:
-    """Work, token counts and selections of one block call."""
+    """Mode, work, token counts and selections of one block call."""
 
-    def __init__(self):
+    def __init__(self, mode):
+        self.mode = mode
         self.full_flops = 0.0
         self.computed_flops = 0.0
         self.tokens = 0
@@ -151,24 +151,23 @@ class ModulewiseAdapter:
     # -- block ------------------------------------------------------------------
     def _block(self, current_run, block_id, group, forward, *args, **kwargs):
         run = current_run()
-        plan = run.plan if run is not None else None
-        if plan is None:
+        if run is None or run.plan is None:
             return forward(*args, **kwargs)
-        if plan.kind is StepKind.AGGRESSIVE:
-            work = _state(run).work[block_id]
+        work = _state(run).work.get(block_id)
+        mode = run.enter_block(block_id, work.streams if work is not None else 1)
+        if mode is BlockMode.ESTIMATE:
             first = _first_tensor(args, kwargs)
             rows = first.shape[0]
-            run.age_all(block_id, work.streams)
-            run.stats.record_block(rows * work.flops_per_row, 0, rows * work.tokens_per_row, 0)
+            run.leave_block(rows * work.flops_per_row, 0, rows * work.tokens_per_row, 0)
             if block_id == self.last_block:
                 return self._cached_output(run, first.device)
             return group.passthrough(args, kwargs)
-        self.call = _BlockCall()
+        self.call = _BlockCall(mode)
         try:
             output = forward(*args, **kwargs)
         finally:
             call, self.call = self.call, None
-        if plan.kind is StepKind.FULL and plan.fill:
+        if mode is BlockMode.FULL:
             rows = _first_tensor(args, kwargs).shape[0]
             _state(run).work[block_id] = BlockWork(call.full_flops / rows, call.tokens / rows,
                                                    1 + max(call.stream_tokens, default=0))
@@ -176,14 +175,13 @@ class ModulewiseAdapter:
                 run.reset_staleness(block_id, tokens, device, stream)
             if block_id == self.last_block:
                 self._store_output(run, output)
-        run.stats.record_block(call.full_flops, call.computed_flops, call.tokens, call.computed_tokens)
+        run.leave_block(call.full_flops, call.computed_flops, call.tokens, call.computed_tokens)
         return output
 
     # -- submodules -------------------------------------------------------------
     def _module(self, current_run, block_id, spec, forward, per_token_flops, *args, **kwargs):
         run, call = current_run(), self.call
-        plan = run.plan if run is not None else None
-        if plan is None or call is None:
+        if run is None or run.plan is None or call is None:
             return forward(*args, **kwargs)
         x = kwargs[spec.input_name] if spec.input_name else args[0]
         rows, tokens = x.shape[0], x.shape[1]
@@ -197,11 +195,11 @@ class ModulewiseAdapter:
         if spec.stream == 0:
             call.tokens += rows * tokens
         key = spec.path + "#"
-        if plan.kind is StepKind.FULL or not self._cached(run, block_id, spec, key, tokens):
+        if call.mode is not BlockMode.SUBSET or not self._cached(run, block_id, spec, key, tokens):
             output = forward(*args, **kwargs)
             call.computed_flops += full
             call.computed_tokens += rows * tokens if spec.stream == 0 else 0
-            if plan.fill:
+            if call.mode is not BlockMode.FALLBACK:
                 self._fill(run, block_id, spec, key, x, output)
             return output
         if spec.role == REUSE:
