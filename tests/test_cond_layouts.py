@@ -10,7 +10,8 @@ import tiny_models
 from flux_block_checks import duca, stats_of
 
 from dit_token_cache.accel_core.config import CacheConfig
-from dit_token_cache.accel_core.tokencache import CachePredictor
+from dit_token_cache.accel_core.tokencache import CachePredictor, FirstBlockPredictor
+from dit_token_cache.nodes.families import tokencache_adapter_for
 from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
 from dit_token_cache.nodes.tokencache_nodes import TokenCacheNode
 
@@ -106,12 +107,18 @@ def test_tokencache_plans_each_text_length(request, model_name, protected):
     assert torch.equal(out, _sample(again, positive, negative))
 
 
-def test_tokencache_predictor_plans_each_text_length(one_and_one):
-    """A predictor scores each layout's own tokens: it runs once per text length
-    and P-step, and its work counts."""
+@pytest.mark.parametrize("architecture", ["mlp_mixer", "first_block"])
+def test_tokencache_predictor_plans_each_text_length(one_and_one, architecture):
+    """A predictor (untrained) scores each layout's own tokens: it runs once per
+    text length and P-step, and its work counts."""
     blocks, protected = _blocks(one_and_one), 1
+    hidden = one_and_one.model.diffusion_model.hidden_size
     torch.manual_seed(0)
-    predictor = CachePredictor(one_and_one.model.diffusion_model.hidden_size, blocks)
+    if architecture == "mlp_mixer":
+        predictor = CachePredictor(hidden, blocks)
+    else:
+        block, runner, kind = tokencache_adapter_for(one_and_one).predictor_parts()
+        predictor = FirstBlockPredictor(block, runner, hidden, blocks, kind)
     config = CacheConfig(mode="tokencache", cache_ratio=RATIO, i_steps=4, protected_last_blocks=protected)
     positive, negative = _conditioning(one_and_one)
     out, run = _run(apply_token_cache(one_and_one, config, predictor=predictor), positive, negative)
@@ -121,31 +128,34 @@ def test_tokencache_predictor_plans_each_text_length(one_and_one):
     assert torch.equal(out, _run(apply_token_cache(one_and_one, config, predictor=predictor), positive, negative)[0])
 
 
+@pytest.mark.parametrize("model_name", ["one_and_one", "four_blocks"])
 @pytest.mark.parametrize("method", ["tokencache", "duca"])
-def test_batched_and_split_cfg_agree_across_text_lengths(four_blocks, method):
+def test_batched_and_split_cfg_agree_across_text_lengths(request, model_name, method):
     """Two positive conds of one length (batched together when memory allows)
     and a negative of another (always on its own): batched and split CFG pick
     the same tokens for each layout."""
-    first, negative = _conditioning(four_blocks)
-    second, _ = tiny_models.conditioning(FAMILY, four_blocks, seed=1, tokens=POSITIVE_TOKENS)
+    model = request.getfixturevalue(model_name)
+    blocks = _blocks(model)
+    first, negative = _conditioning(model)
+    second, _ = tiny_models.conditioning(FAMILY, model, seed=1, tokens=POSITIVE_TOKENS)
     positive = first + second
 
     def patched():
         if method == "duca":
-            return duca(four_blocks, cycle_length=3)
-        return apply_token_cache(four_blocks, CacheConfig(mode="tokencache", cache_ratio=RATIO, i_steps=4,
-                                                          protected_last_blocks=1))
+            return duca(model, cycle_length=3)
+        return apply_token_cache(model, CacheConfig(mode="tokencache", cache_ratio=RATIO, i_steps=4,
+                                                     protected_last_blocks=1))
     batched_model = patched()
     batched = _sample(batched_model, positive, negative)
     batched_stats = stats_of(batched_model)
     split_model = patched()
-    split = _split(four_blocks, lambda: _sample(split_model, positive, negative))
+    split = _split(model, lambda: _sample(split_model, positive, negative))
     split_stats = stats_of(split_model)
     assert batched_stats.evaluations == 2 * STEPS and split_stats.evaluations == 3 * STEPS
     assert split_stats.counts() == batched_stats.counts() and batched_stats.counts()["conservative"] > 0
     assert split_stats.token_fraction == pytest.approx(batched_stats.token_fraction)
     if method == "tokencache":
-        expected = _token_fraction(_last_run(batched_model), (LAYOUTS[0], *LAYOUTS), 4, 1)
+        expected = _token_fraction(_last_run(batched_model), (LAYOUTS[0], *LAYOUTS), blocks, 1)
         assert batched_stats.token_fraction == pytest.approx(expected)
     assert torch.isfinite(batched).all()
     torch.testing.assert_close(split, batched, rtol=1e-4, atol=1e-4)
@@ -168,11 +178,11 @@ def test_other_flux_family_models_plan_each_text_length(tiny_model, family):
 
     def run():
         patched = apply_token_cache(model, config)
-        out = tiny_models.sample(patched, family, steps=6, seed=11, positive=positive, negative=negative, **sampling)
+        out = tiny_models.sample(patched, family, steps=4, seed=11, positive=positive, negative=negative, **sampling)
         return out, _last_run(patched)
     out, last = run()
     assert torch.isfinite(out).all() and not last.stats.notes
-    assert last.stats.evaluations == 12 and last.stats.counts()["conservative"] == 4
+    assert last.stats.evaluations == 8 and last.stats.counts() == {"full": 2, "aggressive": 0, "conservative": 2}
     layouts = (POSITIVE_TOKENS + image_tokens, NEGATIVE_TOKENS + image_tokens)
     assert last.stats.token_fraction == pytest.approx(_token_fraction(last, layouts, blocks, blocks - 1, 0.5))
     assert torch.equal(out, run()[0])
