@@ -52,7 +52,7 @@ class CacheRun:
         self.time = None
         self.name = name
         self.planner = planner           # TokenCache: per-block token choice at P-steps
-        self.step_plans: dict = {}       # step -> indices per block, shared by every evaluation of the step
+        self.step_plans: dict = {}       # step -> {token count: indices per block}, shared by the step's evaluations
         self.sigma = None
         self.schedule = CacheSchedule(config, sample_sigmas, start_sigma, end_sigma, step_importance)
         self.store = CacheStore(torch.device("cpu") if config.cache_device == "cpu" else None,
@@ -232,7 +232,7 @@ class CacheRun:
         `stream` tells apart the token streams of a two-stream block (image, text).
         With a TokenCache planner, the step's plan (plan_tokens) decides."""
         if self.planner is not None:
-            return self._planned(block_id, device)
+            return self._planned(block_id, tokens, device)
         staleness = self.get(block_id, staleness_key(stream), device)
         if scores is None:
             scores = random_scores(tokens, self.config.seed, self.plan.step, block_id + 1000 * stream).to(device)
@@ -245,14 +245,19 @@ class CacheRun:
         self.last_selection[block_id if stream == 0 else (block_id, stream)] = index
         return index
 
-    def plan_tokens(self, make_inputs: Callable[[], PlanningInput]) -> None:
-        """TokenCache: called at the first block; at a P-step, choose every
-        block's tokens for the step from make_inputs() (what enters the first
-        block, built only then). One plan per step, from the first cond's rows,
-        so batched and split CFG select alike; the predictor's work counts as
+    def plan_tokens(self, tokens: int, make_inputs: Callable[[], PlanningInput]) -> None:
+        """TokenCache: called at the first block with the evaluation's joint
+        token count; at a P-step, choose every block's tokens for the step from
+        make_inputs() (what enters the first block, built only then). One plan
+        per step and token count, from the first cond's rows: conds of one
+        layout (the only ones ComfyUI batches) share it, so batched and split
+        CFG select alike. A cond with another text length gets its own: its
+        text tokens are other tokens, and the allocation spends one budget on
+        text and image tokens together. The predictor's work counts as
         computed work."""
         step = self.plan.step
-        if self.planner is None or self.plan.kind is not StepKind.CONSERVATIVE or step in self.step_plans:
+        plans = self.step_plans.get(step, {})
+        if self.planner is None or self.plan.kind is not StepKind.CONSERVATIVE or tokens in plans:
             return
         inputs = make_inputs()
         first = self.plan.uuids[:1]
@@ -261,15 +266,15 @@ class CacheRun:
         changes = [self.store.get(first, (b, "change"), device)
                    if self.planner.uses_changes and self.store.has(first, (b, "change")) else None
                    for b in range(self.planner.n_blocks)]
-        self.step_plans = {step: self.planner.plan(inputs.rows(rows), self.sigma, changes, step)}
+        self.step_plans = {step: {**plans, tokens: self.planner.plan(inputs.rows(rows), self.sigma, changes, step)}}
         if self.planner.predictor is not None:
             self.stats.record_predictor(rows * self.planner.predictor.flops(inputs.tokens.shape[1]))
 
-    def _planned(self, block_id: int, device: torch.device) -> torch.Tensor:
-        plans = self.step_plans.get(self.plan.step)
+    def _planned(self, block_id: int, tokens: int, device: torch.device) -> torch.Tensor:
+        plans = self.step_plans.get(self.plan.step, {}).get(tokens)
         if plans is None:
-            raise RuntimeError(f"{self.name}: step {self.plan.step} has no token plan; the family adapter must "
-                               "call plan_tokens at the first block")
+            raise RuntimeError(f"{self.name}: step {self.plan.step} has no token plan for {tokens} tokens; the family "
+                               "adapter must call plan_tokens at the first block")
         index = plans[block_id].to(device)
         self.last_selection[block_id] = index
         return index

@@ -361,7 +361,7 @@ class FluxFamilyAdapter:
             run.stats.record_block(full_flops, 0, rows * tokens, 0)
             return {"img": img, "txt": txt}
         if i == 0:
-            run.plan_tokens(lambda: self.planning_input(args))
+            run.plan_tokens(tokens, lambda: self.planning_input(args))
         mods = _double_token_mods(block, args) if plan.fill else None
         if not plan.fill or not self._subset_ok(run, i, args, mods, replaced_elsewhere):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
@@ -395,7 +395,7 @@ class FluxFamilyAdapter:
                 return {"img": run.get_final(x.device, x.dtype)}
             return {"img": x}
         if block_id == 0:
-            run.plan_tokens(lambda: self.planning_input(args))
+            run.plan_tokens(tokens, lambda: self.planning_input(args))
         mods = _token_mods(args, "modulation_dims", [_single_mod(block, args["vec"])], x) if plan.fill else None
         if not plan.fill or not self._subset_ok(run, block_id, args, mods, replaced_elsewhere):
             run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
