@@ -21,7 +21,7 @@ import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "harness"))
 import tiny_models  # noqa: E402
 
 COMFYUI = tiny_models.ensure_comfy()

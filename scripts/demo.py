@@ -22,6 +22,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "harness"))
 
 import workflow_tools as wt  # noqa: E402
 from accel_core.metrics import psnr, ssim  # noqa: E402

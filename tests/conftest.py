@@ -12,7 +12,7 @@ COMFYUI = Path(os.environ.get("DTC_COMFYUI", REPO / ".dtc" / "ComfyUI")).resolve
 if not (COMFYUI / "comfy").is_dir():
     raise RuntimeError(f"No ComfyUI at {COMFYUI}: run `make test` (it sets one up) or set DTC_COMFYUI")
 
-for path in (str(COMFYUI), str(REPO / "scripts")):
+for path in (str(COMFYUI), str(REPO / "harness"), str(REPO / "scripts")):
     if path not in sys.path:
         sys.path.insert(0, path)
 

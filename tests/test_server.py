@@ -2,7 +2,7 @@
 web UI needs, the example workflows are valid and run (on tiny checkpoints), and bad settings
 are refused without taking the server down.
 
-One server per module (start-up is ~10 s on CPU), started by scripts/comfy_server.py from
+One server per module (start-up is ~10 s on CPU), started by harness/comfy_server.py from
 $DTC_COMFYUI with --cpu on a free loopback port; models, input, output, temp, user and datasets folders
 are in a tmp dir, and it is always stopped by its own pid.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import workflow_tools as wt  # scripts/, on sys.path through conftest
+import workflow_tools as wt  # harness/, on sys.path through conftest
 from comfy_server import execution_errors, start_server
 from tiny_models import FAMILIES, build_checkpoint, model_config
 

@@ -1,4 +1,4 @@
-"""Smoke test for scripts/tiny_models.py against the real ComfyUI tree ($DTC_COMFYUI or .dtc/ComfyUI)."""
+"""Smoke test for harness/tiny_models.py against the real ComfyUI tree ($DTC_COMFYUI or .dtc/ComfyUI)."""
 
 import sys
 from functools import cache
@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
-if SCRIPTS not in sys.path:
-    sys.path.insert(0, SCRIPTS)
+HARNESS = str(Path(__file__).resolve().parents[1] / "harness")
+if HARNESS not in sys.path:
+    sys.path.insert(0, HARNESS)
 import tiny_models  # noqa: E402
 
 tiny_models.ensure_comfy()

@@ -21,6 +21,7 @@ from comfy.ldm.flux.layers import ModulationOut, apply_mod
 from comfy.ldm.flux.math import apply_rope1, attention
 
 from ...accel_core.config import SELECTORS
+from ...accel_core.run import BlockMode
 from ...accel_core.schedule import StepKind
 from ...accel_core.selectors import attention_scores, norm_scores, sampled_query_indices, similarity_scores
 from ...accel_core.tokencache import PlanningInput, map_block_args
@@ -355,30 +356,33 @@ class FluxFamilyAdapter:
         img, txt = args["img"], args["txt"]
         txt_len, tokens, rows = txt.shape[1], txt.shape[1] + img.shape[1], img.shape[0]
         full_flops = rows * self._double_flops(tokens)
-        plan = run.plan
-        if plan.kind is StepKind.AGGRESSIVE:
-            run.age_all(i)
-            run.stats.record_block(full_flops, 0, rows * tokens, 0)
-            return {"img": img, "txt": txt}
         if i == 0:
             run.plan_tokens(tokens, lambda: self.planning_input(args))
-        mods = _double_token_mods(block, args) if plan.fill else None
-        if not plan.fill or not self._subset_ok(run, i, args, mods, replaced_elsewhere):
-            run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
+        mods = None
+
+        def unavailable():
+            nonlocal mods
+            mods = _double_token_mods(block, args)
+            return self._unavailable(run, i, args, mods, replaced_elsewhere)
+        mode = run.enter_block(i, unavailable=unavailable)
+        if mode is BlockMode.ESTIMATE:
+            run.leave_block(full_flops, 0, rows * tokens, 0)
+            return {"img": img, "txt": txt}
+        if mode is BlockMode.FALLBACK:
+            run.leave_block(full_flops, full_flops, rows * tokens, rows * tokens)
             return original_block(args)
-        img_mod1, img_mod2, txt_mod1, txt_mod2 = mods
-        if plan.kind is StepKind.FULL or run.computes_in_full(i):
+        if mode is BlockMode.FULL:
             out = self._double_full(run, i, block, args, mods)
-            run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
+            run.leave_block(full_flops, full_flops, rows * tokens, rows * tokens)
             return out
 
+        img_mod1, img_mod2, txt_mod1, txt_mod2 = mods
         x_joint = torch.cat((txt, img), dim=1)
         index = run.select(i, tokens, self._scores(run, i, x_joint), img.device)
         txt_index, img_index = index[index < txt_len], index[index >= txt_len] - txt_len
-        computed = rows * index.numel() * self.double_mlp_flops
         img = self._refresh_stream(run, i, "img", img, img_index, block.img_norm2, block.img_mlp, img_mod1, img_mod2)
         txt = _finite_fp16(self._refresh_stream(run, i, "txt", txt, txt_index, block.txt_norm2, block.txt_mlp, txt_mod1, txt_mod2))
-        run.stats.record_block(full_flops, computed, rows * tokens, rows * index.numel())
+        run.leave_block(full_flops, rows * index.numel() * self.double_mlp_flops, rows * tokens, rows * index.numel())
         return {"img": img, "txt": txt}
 
     def single_block(self, run, i, args, original_block, replaced_elsewhere=False):
@@ -387,42 +391,39 @@ class FluxFamilyAdapter:
         x = args["img"]
         tokens, rows = x.shape[1], x.shape[0]
         full_flops = rows * self._single_block_flops(tokens)
-        plan = run.plan
-        if plan.kind is StepKind.AGGRESSIVE:
-            run.age_all(block_id)
-            run.stats.record_block(full_flops, 0, rows * tokens, 0)
-            if i == self.last_single:
-                return {"img": run.get_final(x.device, x.dtype)}
-            return {"img": x}
+        last = i == self.last_single
         if block_id == 0:
             run.plan_tokens(tokens, lambda: self.planning_input(args))
-        mods = _token_mods(args, "modulation_dims", [_single_mod(block, args["vec"])], x) if plan.fill else None
-        if not plan.fill or not self._subset_ok(run, block_id, args, mods, replaced_elsewhere):
-            run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
+        mods = None
+
+        def unavailable():
+            nonlocal mods
+            mods = _token_mods(args, "modulation_dims", [_single_mod(block, args["vec"])], x)
+            return self._unavailable(run, block_id, args, mods, replaced_elsewhere)
+        mode = run.enter_block(block_id, unavailable=unavailable)
+        if mode is BlockMode.ESTIMATE:
+            run.leave_block(full_flops, 0, rows * tokens, 0)
+            return {"img": run.get_final(x.device, x.dtype) if last else x}
+        if mode is BlockMode.FALLBACK:
+            run.leave_block(full_flops, full_flops, rows * tokens, rows * tokens)
             out = original_block(args)
-            if plan.fill and i == self.last_single:
-                run.put_final(out["img"])
-            return out
-        mod = mods[0]
-        if plan.kind is StepKind.FULL or run.computes_in_full(block_id):
-            out = self._single_full(run, block_id, block, args, mod)
-            run.stats.record_block(full_flops, full_flops, rows * tokens, rows * tokens)
+        elif mode is BlockMode.FULL:
+            out = self._single_full(run, block_id, block, args, mods[0])
+            run.leave_block(full_flops, full_flops, rows * tokens, rows * tokens)
         else:
             index = run.select(block_id, tokens, self._scores(run, block_id, x), x.device)
-            out = self._single_subset(run, block_id, block, args, mod, index)
-            computed = rows * index.numel() * self.single_flops
-            run.stats.record_block(full_flops, computed, rows * tokens, rows * index.numel())
-        if i == self.last_single:
+            out = self._single_subset(run, block_id, block, args, mods[0], index)
+            run.leave_block(full_flops, rows * index.numel() * self.single_flops, rows * tokens, rows * index.numel())
+        if last and run.plan.fill:
             run.put_final(out["img"])
         return out
 
     # -- checks -----------------------------------------------------------------
-    def _subset_ok(self, run, block_id, args, mods, replaced_elsewhere) -> bool:
-        """Blocks that cannot run on a token subset compute in full instead, and
-        say so once. `mods` is None where modulation has an unknown token
+    def _unavailable(self, run, block_id, args, mods, replaced_elsewhere):
+        """Why a block cannot run cached and computes in full instead; None
+        where it can. `mods` is None where modulation has an unknown token
         layout."""
-        to = args.get("transformer_options") or {}
-        patches = to.get("patches", {})
+        patches = (args.get("transformer_options") or {}).get("patches", {})
         reason = None
         if replaced_elsewhere:
             reason = "a block replacement from another node"
@@ -432,10 +433,7 @@ class FluxFamilyAdapter:
             reason = "per-token modulation without a known row for each token"
         elif patches.get("attn1_patch") or patches.get("attn1_output_patch"):
             reason = "another node patches this model's attention"
-        if reason is None:
-            return True
-        run.stats.warn_once(f"{run.name}: {self.family} blocks with {reason} compute in full")
-        return False
+        return None if reason is None else f"{self.family} blocks with {reason} compute in full"
 
     # -- selection features ---------------------------------------------------------
     def _keep_features(self, run, block_id, x_joint, q, k, v, pe):
