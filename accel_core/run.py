@@ -18,7 +18,7 @@ import torch
 from .cache_store import CacheStore
 from .config import CacheConfig
 from .schedule import CacheSchedule, StepKind
-from .selectors import pick_tokens, random_scores
+from .selectors import kept_feature, pick_tokens, random_scores, token_scores
 from .stats import WorkStats
 from .tokencache import PlanningInput, TokenPlanner, change_importance
 
@@ -224,6 +224,25 @@ class CacheRun:
     def computes_in_full(self, block_id: int) -> bool:
         """TokenCache's protected last blocks compute every token at P-steps too."""
         return self.planner is not None and self.planner.protected(block_id)
+
+    def keep_selector_feature(self, block_id: int, x: torch.Tensor, q=None, k=None, v=None,
+                              rope: Optional[Callable] = None, prefix: str = "") -> None:
+        """At a full step: what the selector scores this block's tokens from
+        later (selectors.kept_feature), kept under `prefix` (one per module)."""
+        config = self.config
+        kept = kept_feature(config.selector, x, q, k, v, config.attention_queries, config.seed, block_id, rope)
+        if kept is not None:
+            self.put(block_id, prefix + kept[0], kept[1])
+
+    def selector_scores(self, block_id: int, x: torch.Tensor, prefix: str = "") -> Optional[torch.Tensor]:
+        """At a conservative step: the selector's scores of the block's tokens
+        [B, L] from what the full step kept; None for random."""
+        selector = self.config.selector
+        kept = None
+        if selector != "random":
+            name = "input" if selector == "similarity" else "score"
+            kept = self.get(block_id, prefix + name, x.device)
+        return token_scores(selector, x, kept)
 
     def select(self, block_id: int, tokens: int, scores: Optional[torch.Tensor], device: torch.device,
                stream: int = 0) -> torch.Tensor:

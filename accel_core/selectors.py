@@ -4,6 +4,8 @@ Every score is "higher = recompute first". Scores are reduced over the batch so
 that the cond and uncond halves of a CFG batch (and every image of a batch)
 recompute the same tokens.
 """
+from typing import Callable, Optional, Tuple
+
 import torch
 
 _MASK63 = (1 << 63) - 1
@@ -70,3 +72,35 @@ def pick_tokens(scores: torch.Tensor, staleness: torch.Tensor, staleness_weight:
     if count >= total.numel():
         return torch.arange(total.numel(), device=total.device)
     return torch.topk(total, count, sorted=False).indices.sort().values
+
+
+def kept_feature(selector: str, x: torch.Tensor, q=None, k=None, v=None, query_count: int = 64, seed: int = 0,
+                 block_id: int = 0, rope: Optional[Callable] = None) -> Optional[Tuple[str, torch.Tensor]]:
+    """What a full step keeps, as (name, tensor), for `selector` to score the
+    block's tokens at the next conservative steps; None for random. x: the
+    block's token input [B, L, D]; q, k, v: its attention [B, heads, L, d];
+    rope(t, index) applies the model's rotary embedding at token positions
+    `index` (None: all), where the attention estimate needs it."""
+    if selector == "v_norm":
+        return "score", norm_scores(v)
+    if selector == "k_norm":
+        return "score", norm_scores(k)
+    if selector == "similarity":
+        return "input", x
+    if selector == "attention":
+        sample = sampled_query_indices(q.shape[2], query_count, seed, block_id).to(q.device)
+        q_sample = q[:, :, sample]
+        if rope is not None:
+            q_sample, k = rope(q_sample, sample), rope(k, None)
+        return "score", attention_scores(q_sample, k)
+    return None
+
+
+def token_scores(selector: str, x: torch.Tensor, kept: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Scores [B, L] ("higher = recompute first") at a conservative step from
+    what the full step kept (kept_feature); None for random."""
+    if selector == "random":
+        return None
+    if selector == "similarity":
+        return similarity_scores(x, kept)
+    return kept

@@ -56,7 +56,7 @@ def out_of_place_blocks(model) -> dict:
     """ComfyUI's blocks add to their inputs in place, which autograd cannot
     differentiate; train through the pack's out-of-place versions of the same
     blocks (built from the same submodules, bit-identical forward)."""
-    flux = import_pack().nodes.adapters.flux
+    flux = import_pack().nodes.adapters.flux_blocks
     patches = {}
     for i, block in enumerate(model.double_blocks):
         def double(args, extra, block=block):

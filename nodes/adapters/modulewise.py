@@ -24,7 +24,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ...accel_core.run import BlockMode, staleness_key
-from ...accel_core.selectors import similarity_scores
 
 REUSE, SUBSET = "reuse", "subset"
 SELECTORS = ("random", "similarity")
@@ -220,8 +219,8 @@ class ModulewiseAdapter:
             if part is not None:
                 run.put_feature(block_id, key + str(j), part)
         _state(run).outputs[(block_id, key)] = OutputLayout.of(output)
-        if spec.role == SUBSET and run.config.selector == "similarity":
-            run.put(block_id, key + "input", x)
+        if spec.role == SUBSET:
+            run.keep_selector_feature(block_id, x, prefix=key)
 
     def _cached(self, run, block_id, spec, key, tokens) -> bool:
         """Whether this module has a cache of the right size; otherwise it
@@ -246,8 +245,7 @@ class ModulewiseAdapter:
         """One selection per block and stream, shared by the stream's submodules."""
         index = self.call.selection.get(spec.stream)
         if index is None:
-            scores = similarity_scores(x, run.get(block_id, key + "input", x.device)) if run.config.selector == "similarity" else None
-            index = run.select(block_id, x.shape[1], scores, x.device, spec.stream)
+            index = run.select(block_id, x.shape[1], run.selector_scores(block_id, x, prefix=key), x.device, spec.stream)
             self.call.selection[spec.stream] = index
         return index
 
