@@ -92,7 +92,13 @@ class FeatureHistory:
         return tensor if index is None else tensor.index_select(self.dim, index.to(tensor.device))
 
     def _increment(self, time: float, index: Optional[torch.Tensor], order: int) -> torch.Tensor:
-        """p(time) - p(times[0]) for the polynomial p of up to `order`, float32."""
+        """p(time) - p(times[0]) for the polynomial p of up to `order`, float32.
+        The trend is followed no further past the newest full step than the
+        last two full steps are apart, then held: a line learnt over a short
+        stretch overshoots when carried much further (TokenCache's I-steps can
+        be many steps apart)."""
+        reach = abs(self.times[0] - self.times[1])
+        time = self.times[0] + max(-reach, min(reach, time - self.times[0]))
         increment, factor = None, 1.0
         for k in range(1, order + 1):
             factor *= time - self.times[k - 1]

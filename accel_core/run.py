@@ -18,7 +18,7 @@ import torch
 from .cache_store import CacheStore
 from .config import CacheConfig
 from .schedule import CacheSchedule, StepKind
-from .selectors import kept_feature, pick_tokens, random_scores, token_scores
+from .selectors import KEPT, kept_feature, pick_tokens, random_scores, token_scores
 from .stats import WorkStats
 from .tokencache import PlanningInput, TokenPlanner, change_importance
 
@@ -238,10 +238,7 @@ class CacheRun:
         """At a conservative step: the selector's scores of the block's tokens
         [B, L] from what the full step kept; None for random."""
         selector = self.config.selector
-        kept = None
-        if selector != "random":
-            name = "input" if selector == "similarity" else "score"
-            kept = self.get(block_id, prefix + name, x.device)
+        kept = self.get(block_id, prefix + KEPT[selector], x.device) if selector in KEPT else None
         return token_scores(selector, x, kept)
 
     def select(self, block_id: int, tokens: int, scores: Optional[torch.Tensor], device: torch.device,

@@ -74,6 +74,10 @@ def pick_tokens(scores: torch.Tensor, staleness: torch.Tensor, staleness_weight:
     return torch.topk(total, count, sorted=False).indices.sort().values
 
 
+# what a full step keeps for each selector but random: the block's input, or scores
+KEPT = {"v_norm": "score", "k_norm": "score", "similarity": "input", "attention": "score"}
+
+
 def kept_feature(selector: str, x: torch.Tensor, q=None, k=None, v=None, query_count: int = 64, seed: int = 0,
                  block_id: int = 0, rope: Optional[Callable] = None) -> Optional[Tuple[str, torch.Tensor]]:
     """What a full step keeps, as (name, tensor), for `selector` to score the
@@ -82,18 +86,20 @@ def kept_feature(selector: str, x: torch.Tensor, q=None, k=None, v=None, query_c
     rope(t, index) applies the model's rotary embedding at token positions
     `index` (None: all), where the attention estimate needs it."""
     if selector == "v_norm":
-        return "score", norm_scores(v)
-    if selector == "k_norm":
-        return "score", norm_scores(k)
-    if selector == "similarity":
-        return "input", x
-    if selector == "attention":
+        kept = norm_scores(v)
+    elif selector == "k_norm":
+        kept = norm_scores(k)
+    elif selector == "similarity":
+        kept = x
+    elif selector == "attention":
         sample = sampled_query_indices(q.shape[2], query_count, seed, block_id).to(q.device)
         q_sample = q[:, :, sample]
         if rope is not None:
             q_sample, k = rope(q_sample, sample), rope(k, None)
-        return "score", attention_scores(q_sample, k)
-    return None
+        kept = attention_scores(q_sample, k)
+    else:
+        return None
+    return KEPT[selector], kept
 
 
 def token_scores(selector: str, x: torch.Tensor, kept: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

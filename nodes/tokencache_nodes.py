@@ -11,7 +11,7 @@ import comfy.utils
 
 from ..accel_core.config import CacheConfig
 from ..accel_core.forecast import FORECASTS
-from .duca_node import DEFAULT_FORECAST, FORECAST_TOOLTIP
+from .duca_node import FORECAST_TOOLTIP
 from ..accel_core.predictor_file import PredictorFileError, load_predictor, save_predictor
 from ..reference.model import PREDICTOR_DIR
 from .patcher import apply_token_cache, show_on_node
@@ -22,6 +22,8 @@ CATEGORY = "sampling/token_cache"
 FOLDER = "token_cache"
 NO_PREDICTOR = "none"
 PLACEMENTS = ("measured", "predicted", "even")
+# reuse: I-steps lie far apart, and a trend carried from them was measured worse (BENCHMARKS.md)
+TOKENCACHE_FORECAST = "reuse"
 
 if FOLDER not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
@@ -95,7 +97,7 @@ class TokenCacheNode(io.ComfyNode):
                                tooltip="Where the I-steps go, from the predictor's calibration run: where the measured "
                                        "cost of reusing the cache accumulates, where the predicted importance does "
                                        "(the paper's rule), or evenly. Without a predictor: evenly."),
-                io.Combo.Input("forecast", options=list(FORECASTS), default=DEFAULT_FORECAST, tooltip=FORECAST_TOOLTIP),
+                io.Combo.Input("forecast", options=list(FORECASTS), default=TOKENCACHE_FORECAST, tooltip=FORECAST_TOOLTIP),
             ],
             outputs=[io.Model.Output(tooltip="The model with TokenCache.")],
             hidden=[io.Hidden.unique_id],
@@ -103,7 +105,7 @@ class TokenCacheNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, predictor, cache_ratio, i_steps, protected_last_blocks, start_percent,
-                end_percent, i_step_placement="measured", forecast=DEFAULT_FORECAST) -> io.NodeOutput:
+                end_percent, i_step_placement="measured", forecast=TOKENCACHE_FORECAST) -> io.NodeOutput:
         config = CacheConfig(mode="tokencache", cache_ratio=cache_ratio, i_steps=i_steps,
                              protected_last_blocks=protected_last_blocks, start_percent=start_percent,
                              end_percent=end_percent, forecast=forecast)

@@ -31,6 +31,8 @@ def test_family_exact_at_cycle_one_and_cached_otherwise(family_model):
     family, model = family_model
     base = _sample(family, model)
     assert torch.equal(_sample(family, apply_token_cache(model, CacheConfig(cycle_length=1))), base)
+    assert torch.equal(_sample(family, apply_token_cache(model, CacheConfig(cycle_length=1, forecast="linear",
+                                                                            max_error=0.1))), base)
 
     patched = apply_token_cache(model, CacheConfig(cycle_length=3, cache_ratio=0.5))
     out = _sample(family, patched)

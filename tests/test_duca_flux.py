@@ -277,6 +277,45 @@ def test_cfg_batched_and_split_give_the_same_result(flux):
     torch.testing.assert_close(split, batched, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("settings", [{"forecast": "linear"}, {"forecast": "quadratic", "mode": "toca"},
+                                      {"forecast": "linear", "max_error": 0.05}])
+def test_forecast_and_error_aware_runs_are_deterministic_batched_and_split(flux, settings):
+    """Same seed, same image run to run; the error-aware schedule decides from
+    the first cond of each step, so split CFG runs the same steps as batched."""
+    steps = 12
+    patched = duca(flux, cycle_length=4, **settings)
+    batched = sample(patched, steps=steps)
+    batched_stats = stats_of(patched)
+    assert torch.equal(batched, sample(patched, steps=steps))
+    base_model = patched.model
+    usual = base_model.memory_usage_factor
+    base_model.memory_usage_factor = 1e15      # nothing fits: ComfyUI runs cond and uncond one at a time
+    try:
+        split = sample(patched, steps=steps)
+    finally:
+        base_model.memory_usage_factor = usual
+    split_stats = stats_of(patched)
+    assert split_stats.evaluations == 2 * batched_stats.evaluations
+    assert split_stats.step_kinds == batched_stats.step_kinds
+    assert split_stats.step_errors == pytest.approx(batched_stats.step_errors, rel=1e-4)
+    torch.testing.assert_close(split, batched, rtol=1e-4, atol=1e-4)
+    assert batched_stats.step_errors and all(0 < e < 1 for e in batched_stats.step_errors.values())
+
+
+def test_error_aware_schedule_adds_full_steps_when_the_error_is_high_and_saves_them_when_low(flux):
+    fixed = duca(flux, cycle_length=4, forecast="linear")
+    sample(fixed, steps=12)
+    errors = stats_of(fixed).step_errors.values()
+    tight = duca(flux, cycle_length=4, forecast="linear", max_error=min(errors) / 2)
+    loose = duca(flux, cycle_length=4, forecast="linear", max_error=4 * max(errors))
+    sample(tight, steps=12)
+    sample(loose, steps=12)
+    full = {name: stats_of(m).counts()["full"] for name, m in (("fixed", fixed), ("tight", tight), ("loose", loose))}
+    assert full["tight"] > full["fixed"] > full["loose"], full
+    assert stats_of(tight).full_steps_added > 0 and stats_of(loose).full_steps_saved > 0
+    assert "by error" in stats_of(tight).summary("DuCa")
+
+
 def test_conds_of_different_length_run_split(flux):
     positive, negative = tiny_models.conditioning(FAMILY, flux, tokens=16, neg_tokens=7)
     patched = duca(flux, cycle_length=3)

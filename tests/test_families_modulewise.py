@@ -180,3 +180,21 @@ def test_selectors_available_and_refused(family_model):
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="selector='v_norm' is not available.*accepted: random, similarity"):
         apply_token_cache(model, CacheConfig(selector="v_norm"))
+
+
+def test_forecasting_extrapolates_on_every_family(family_model):
+    """Linear forecasts through each family's own submodules: exact where
+    nothing is cached, and where full steps give a trend (every other step
+    here), the estimates differ from reuse and stay close to the uncached run."""
+    family, model = family_model
+    base = _sample(family, model)
+    assert torch.equal(_sample(family, apply_token_cache(model, CacheConfig(cycle_length=1, forecast="linear"))), base)
+    settings = dict(cycle_length=2, mode="toca", cache_ratio=0.75, forecast_max_span=1.0)
+    reuse = _sample(family, apply_token_cache(model, CacheConfig(**settings)))
+    patched = apply_token_cache(model, CacheConfig(**settings, forecast="linear"))
+    linear = _sample(family, patched)
+    stats = _last_run(patched).stats
+    assert not stats.notes and stats.step_errors
+    assert not torch.equal(linear, reuse) and torch.isfinite(linear).all()
+    assert float((linear - base).norm() / base.norm()) < 0.5
+    assert torch.equal(linear, _sample(family, apply_token_cache(model, CacheConfig(**settings, forecast="linear"))))

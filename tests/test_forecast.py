@@ -32,17 +32,17 @@ def history(feature, times, depth, max_span=math.inf):
     return h
 
 
-@pytest.mark.parametrize("order,feature", [(1, linear), (2, quadratic)])
-def test_extrapolation_is_exact_on_polynomials_of_its_order_with_uneven_spacing(order, feature):
-    times = [0.93, 0.71, 0.42][:order + 1][::-1]            # oldest first, uneven gaps
-    h = history(feature, times, order + 1)
-    for t in (0.3, 0.17, 0.42):
+@pytest.mark.parametrize("order,feature,times,at", [(1, linear, [0.93, 0.71], (0.6, 0.5, 0.71)),
+                                                    (2, quadratic, [0.93, 0.71, 0.42], (0.3, 0.17, 0.42))])
+def test_extrapolation_is_exact_on_polynomials_of_its_order_with_uneven_spacing(order, feature, times, at):
+    h = history(feature, times, order + 1)                      # uneven gaps, as a karras schedule has
+    for t in at:
         torch.testing.assert_close(h.estimate(t), feature(t), rtol=1e-5, atol=1e-5)
 
 
 def test_order_one_misses_curvature_that_order_two_captures():
-    error_1 = (history(quadratic, [0.9, 0.6, 0.45], 2).estimate(0.2) - quadratic(0.2)).norm()
-    error_2 = (history(quadratic, [0.9, 0.6, 0.45], 3).estimate(0.2) - quadratic(0.2)).norm()
+    error_1 = (history(quadratic, [0.9, 0.6, 0.45], 2).estimate(0.32) - quadratic(0.32)).norm()
+    error_2 = (history(quadratic, [0.9, 0.6, 0.45], 3).estimate(0.32) - quadratic(0.32)).norm()
     assert error_2 < 1e-4 < error_1
 
 
@@ -69,19 +69,19 @@ def test_the_same_time_twice_starts_the_trend_again():
 
 
 def test_refreshed_tokens_carry_the_trend_of_the_full_steps_from_their_own_value():
-    h = history(linear, [0.9, 0.7], 2)
+    h = history(linear, [0.9, 0.6], 2)
     index = torch.tensor([1, 3])
     offset = 0.25
     h.refresh(index, linear(0.5)[:, index] + offset, 0.5)      # a conservative step at 0.5, off the line by 0.25
-    expected = linear(0.2)
+    expected = linear(0.35)
     expected[:, index] += offset
-    torch.testing.assert_close(h.estimate(0.2), expected)
+    torch.testing.assert_close(h.estimate(0.35), expected)
     # the tokens computed now come back as computed
     torch.testing.assert_close(h.estimate(0.5)[:, index], linear(0.5)[:, index] + offset, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(h.estimate(0.2, index=torch.tensor([0, 3])), expected[:, [0, 3]])
+    torch.testing.assert_close(h.estimate(0.35, index=torch.tensor([0, 3])), expected[:, [0, 3]])
     assert len(h.differences) == 2                             # no copy beyond the trend's
     h.refresh(None, linear(0.4), 0.4)                          # every token, e.g. a conservative step's final state
-    torch.testing.assert_close(h.estimate(0.1), linear(0.1))
+    torch.testing.assert_close(h.estimate(0.32), linear(0.32))
 
 
 def test_store_counts_every_kept_copy_and_estimates_per_cond():
@@ -91,14 +91,14 @@ def test_store_counts_every_kept_copy_and_estimates_per_cond():
     store.put_feature(["c", "u"], "mlp", linear(0.6), 0.6)
     store.put_feature(["c", "u"], "mlp", linear(0.4), 0.4)      # depth 2: value and one difference
     assert store.nbytes == store.peak_bytes == 2 * BASE.numel() * 4
-    torch.testing.assert_close(store.estimate(["u"], "mlp", torch.device("cpu"), 0.1), linear(0.1)[1:])
+    torch.testing.assert_close(store.estimate(["u"], "mlp", torch.device("cpu"), 0.25), linear(0.25)[1:])
     store.scatter(["c", "u"], "mlp", torch.tensor([0]), linear(0.3)[:, :1] + 1, time=0.3)
     assert store.nbytes == 2 * BASE.numel() * 4
-    expected = linear(0.1)
+    expected = linear(0.25)
     expected[:, 0] += 1
-    torch.testing.assert_close(store.estimate(["c", "u"], "mlp", torch.device("cpu"), 0.1), expected)
+    torch.testing.assert_close(store.estimate(["c", "u"], "mlp", torch.device("cpu"), 0.25), expected)
     store.put_feature(["c", "u"], "mlp", linear(0.3), 0.3, exact=False)   # a conservative step's whole output
-    torch.testing.assert_close(store.estimate(["c", "u"], "mlp", torch.device("cpu"), 0.1), linear(0.1))
+    torch.testing.assert_close(store.estimate(["c", "u"], "mlp", torch.device("cpu"), 0.25), linear(0.25))
     assert not store.order_lowered("c", "mlp")
 
 
@@ -191,3 +191,11 @@ def test_only_the_first_cond_of_a_step_measures_so_split_and_batched_cfg_decide_
     assert split[0] == batched[0] and split[1] == pytest.approx(batched[1])
     assert split[0][:4] == [F, C, C, F]
     assert batched[1][1] == pytest.approx(0.01, rel=1e-4)   # the second cond (0.9 off) is not counted
+
+
+def test_the_trend_is_held_beyond_one_full_step_spacing():
+    h = history(linear, [0.9, 0.8], 2)                          # full steps 0.1 apart
+    torch.testing.assert_close(h.estimate(0.75), linear(0.75))
+    torch.testing.assert_close(h.estimate(0.3), linear(0.7))    # followed to 0.7, then held
+    h.refresh(torch.tensor([2]), linear(0.75)[:, [2]], 0.75)
+    torch.testing.assert_close(h.estimate(0.3)[:, 2], linear(0.75)[:, 2] + (linear(0.7) - linear(0.75))[:, 2])

@@ -20,6 +20,7 @@ from comfy_server import execution_errors, start_server
 from tiny_models import FAMILIES, build_checkpoint, model_config
 
 from dit_token_cache.nodes.duca_node import DEFAULT_FORECAST
+from dit_token_cache.nodes.tokencache_nodes import TOKENCACHE_FORECAST
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("DTC_COMFYUI", REPO / ".dtc" / "ComfyUI")).resolve()
@@ -208,7 +209,7 @@ def test_workflows_present():
 
 
 @pytest.mark.parametrize("name, node_type, added", [
-    ("shapes_reference_tokencache", "TokenCache", {"i_step_placement": "measured", "forecast": DEFAULT_FORECAST}),
+    ("shapes_reference_tokencache", "TokenCache", {"i_step_placement": "measured", "forecast": TOKENCACHE_FORECAST}),
     ("shapes_reference_duca", "DuCaCache", {"forecast": DEFAULT_FORECAST, "max_error": 0.0}),
     ("shapes_reference_train_predictor", TRAIN_NODE, {"architecture": "first_block", "objective": "chained"})])
 def test_workflow_saved_before_new_widgets_loads_with_their_defaults(name, node_type, added, object_info):
