@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := .dtc/env
 
-.PHONY: setup test demo bench bench-reference clean
+.PHONY: setup test demo bench bench-reference bench-fronts clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -19,6 +19,9 @@ bench: setup
 
 bench-reference: setup
 	@source $(ENV) && DTC_COMFYUI=$$DTC_COMFYUI $$DTC_PYTHON bench/bench_reference.py --out bench/out/reference
+
+bench-fronts: setup
+	@source $(ENV) && DTC_COMFYUI=$$DTC_COMFYUI $$DTC_PYTHON bench/bench_reference.py --fronts 28 50 20 --out bench/out/fronts
 
 clean:
 	rm -rf .dtc

@@ -122,16 +122,20 @@ def test_double_block_full_and_conservative_steps(flux):
     run.end_forward()
 
 
+AT = 0.45   # the conservative step's sigma
+
+
 @pytest.mark.parametrize("forecast, full_sigmas", [("linear", (0.8, 0.6)), ("quadratic", (0.8, 0.7, 0.55))])
 def test_double_block_conservative_step_with_forecasting(flux, forecast, full_sigmas):
     """Full steps at uneven sigmas, then a conservative step: the cached
     attention output and the MLP output of every unselected token are the
     polynomial through their recorded values (taken from ComfyUI's own block
-    with forward hooks), evaluated at the new sigma; selected tokens compute."""
+    with forward hooks), evaluated at the new sigma (within one full-step
+    spacing of the last, where the trend is followed); selected tokens compute."""
     dm = flux.model.diffusion_model
     block = dm.double_blocks[1]
     adapter = FluxFamilyAdapter(dm, "Flux")
-    sigmas = [*full_sigmas, 0.3, 0.0]
+    sigmas = [*full_sigmas, AT, 0.0]
     run = CacheRun(CacheConfig(cycle_length=len(sigmas) - 1, mode="toca", cache_ratio=0.7, seed=5, forecast=forecast),
                    sigmas, 1.0, 0.0)
     run.schedule.kinds = [StepKind.FULL] * len(full_sigmas) + [StepKind.CONSERVATIVE]
@@ -166,13 +170,13 @@ def test_double_block_conservative_step_with_forecasting(flux, forecast, full_si
             total = total + weight * v_k
         return total
 
-    assert run.begin_forward(0.3, uuids, ("sig",)).kind is StepKind.CONSERVATIVE
+    assert run.begin_forward(AT, uuids, ("sig",)).kind is StepKind.CONSERVATIVE
     out = adapter.double_block(run, 1, args(img, txt, vec), fail_on_fallback)
     index = run.last_selection[1]
     pick = index[index >= txt.shape[1]] - txt.shape[1]
     img_mod1, img_mod2 = block.img_mod(vec)
-    x = img + img_mod1.gate * polynomial([r["img_proj"] for r in recorded], 0.3)
-    mlp_out = polynomial([r["img_mlp"] for r in recorded], 0.3)
+    x = img + img_mod1.gate * polynomial([r["img_proj"] for r in recorded], AT)
+    mlp_out = polynomial([r["img_mlp"] for r in recorded], AT)
     mlp_out[:, pick] = block.img_mlp(torch.addcmul(img_mod2.shift, block.img_norm2(x[:, pick]), 1 + img_mod2.scale))
     torch.testing.assert_close(out["img"], x + img_mod2.gate * mlp_out, rtol=1e-4, atol=1e-4)
     # and it is not reuse in disguise
