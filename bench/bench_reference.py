@@ -10,6 +10,7 @@ accounting). Writes a Markdown report, a Pareto plot and an image grid.
 """
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -118,7 +119,7 @@ def methods_for(args) -> list:
     for divisor in (2, 3, 4):
         found.append(Method(f"{steps // divisor} steps", "fewer steps", plain, steps // divisor))
     if args.only:
-        found = [m for m in found if m.name == "uncached" or m.name.startswith(args.only)]
+        found = [m for m in found if m.name == "uncached" or re.match(args.only, m.name)]
     return found
 
 
@@ -243,11 +244,18 @@ def measure_front(model, methods, labels, classifier, real_features, args, skips
 def run_fronts(args, model, classifier, labels, real_features, skips):
     import fronts
     from dit_token_cache.nodes.duca_node import DEFAULT_FORECAST
+    path = args.out / "fronts.json"
+    earlier = json.loads(path.read_text()) if args.only and path.exists() else {}
     results = {}
     for steps in args.fronts:
         methods = fronts.front_methods(steps, args.quick, FRONT_MAX_ERRORS)
-        results[steps] = measure_front(model, methods, labels, classifier, real_features, args, skips)
-        (args.out / "fronts.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+        if args.only:
+            methods = [m for m in methods if m.name == "uncached" or re.match(args.only, m.name)]
+        rows = measure_front(model, methods, labels, classifier, real_features, args, skips)
+        if str(steps) in earlier:   # same model, seeds and settings; each wall speedup against its own process's uncached
+            rows = merged({"rows": earlier[str(steps)]}, rows)[0]
+        results[steps] = rows
+        path.write_text(json.dumps({**earlier, **{str(k): v for k, v in results.items()}}, indent=1))
     print(fronts.write(results, args, f"DuCa N=5 {DEFAULT_FORECAST}"))
 
 
@@ -266,7 +274,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", help="run uncached and the methods whose name starts with this")
+    parser.add_argument("--only", help="run uncached and the methods whose name matches this regular expression "
+                                       "from its start (with --fronts too); their rows join the earlier run's results")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "reference")
     parser.add_argument("--fronts", type=int, nargs="+", metavar="STEPS",
                         help="instead: the pack's caches against fewer steps at these step counts (bench/fronts.py)")

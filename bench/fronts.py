@@ -34,13 +34,12 @@ def front_methods(steps: int, quick: bool, max_errors) -> list:
     and forecasts, the error-aware schedule, TokenCache, ComfyUI's caches, and
     fewer steps with three samplers at every count from steps / 2 down."""
     found = [FrontMethod("uncached", "uncached", steps=steps, kind="plain")]
-    cycles = {"fora": (2, 3, 5, 8), "duca": (3, 5, 8), "toca": (3, 5)}
+    cycles = {"fora": (2, 3, 5, 8), "duca": (2, 3, 5, 8), "toca": (2, 3, 5, 8)}
     if quick:
         cycles = {"fora": (3,), "duca": (3,)}
     for mode, lengths in cycles.items():
         label = {"fora": "FORA", "duca": "DuCa", "toca": "ToCa"}[mode]
-        # quadratic where its anchors can be close enough: DuCa, the node's mode
-        forecasts = FORECASTS if mode == "duca" and not quick else ("reuse", "linear")
+        forecasts = FORECASTS if not quick else ("reuse", "linear")
         for n in lengths:
             for forecast in forecasts:
                 name = f"{label} N={n} {forecast}"
