@@ -31,12 +31,14 @@ class CacheStore:
             raise ValueError(f"batch of {tensor.shape[0]} rows does not split into {len(uuids)} conds")
         return zip(uuids, tensor.chunk(len(uuids), dim=0))
 
-    def _replace(self, entries: dict, key: Hashable, value) -> None:
-        if key in entries:
-            self.nbytes -= _size(entries[key])
-        entries[key] = value
-        self.nbytes += _size(value)
+    def _grown(self, delta: int) -> None:
+        self.nbytes += delta
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
+
+    def _replace(self, entries: dict, key: Hashable, value) -> None:
+        before = _size(entries[key]) if key in entries else 0
+        entries[key] = value
+        self._grown(_size(value) - before)
 
     def _copy(self, chunk: torch.Tensor) -> torch.Tensor:
         # a copy: ComfyUI's blocks update their inputs in place
@@ -62,8 +64,7 @@ class CacheStore:
             else:
                 history.refresh(None, chunk, time)
             entries[key] = history
-            self.nbytes += _size(history) - before
-            self.peak_bytes = max(self.peak_bytes, self.nbytes)
+            self._grown(_size(history) - before)
 
     def has(self, uuids: Sequence[Hashable], key: Hashable) -> bool:
         return all(key in self._entries.get(uuid, {}) for uuid in uuids)
@@ -96,8 +97,7 @@ class CacheStore:
             if isinstance(stored, FeatureHistory):
                 before = stored.nbytes
                 stored.refresh(index, chunk, time)
-                self.nbytes += stored.nbytes - before
-                self.peak_bytes = max(self.peak_bytes, self.nbytes)
+                self._grown(stored.nbytes - before)
             else:
                 stored.index_copy_(dim, index.to(stored.device), chunk.to(stored.device, stored.dtype))
 
