@@ -6,6 +6,7 @@ Every metadata value is stored JSON-encoded (safetensors metadata is str -> str)
 strings included, so that each value reads back with its own type.
 """
 import json
+import math
 import os
 import struct
 import tempfile
@@ -129,6 +130,46 @@ def _decode_metadata(name: str, header: dict) -> dict:
     return metadata
 
 
+CALIBRATION_CURVES = ("measured", "predicted", "importance")   # "importance": files from before the other two
+
+
+def _check_calibration(name: str, calibration) -> None:
+    """A calibration is None or {"sigmas": [...], <curve>: [...], ...}, one
+    finite value >= 0 per sigma: checked here so a bad file is refused at
+    load, not by an IndexError in the middle of sampling."""
+    if calibration is None:
+        return
+    if not isinstance(calibration, dict):
+        raise PredictorFileError(f"{name}: metadata 'calibration' is a {type(calibration).__name__}; expected "
+                                 "null or an object with 'sigmas' and one list per curve")
+
+    def numbers(field):
+        values = calibration[field]
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise PredictorFileError(f"{name}: calibration field {field!r} must be a non-empty list of finite "
+                                     f"numbers, got {str(values)[:80]}")
+        return values
+
+    if "sigmas" not in calibration:
+        raise PredictorFileError(f"{name}: calibration field 'sigmas' is missing; expected 'sigmas' and one or "
+                                 f"more of {', '.join(CALIBRATION_CURVES)}")
+    sigmas = numbers("sigmas")
+    curves = [key for key in calibration if key != "sigmas"]
+    unknown = [key for key in curves if key not in CALIBRATION_CURVES]
+    if unknown or not curves:
+        raise PredictorFileError(f"{name}: calibration fields {', '.join(map(repr, unknown)) or '(none)'} besides "
+                                 f"'sigmas'; accepted: {', '.join(CALIBRATION_CURVES)}")
+    for key in curves:
+        values = numbers(key)
+        if len(values) != len(sigmas):
+            raise PredictorFileError(f"{name}: calibration field {key!r} has {len(values)} values for "
+                                     f"{len(sigmas)} sigmas; expected one per sigma")
+        if min(values) < 0:
+            raise PredictorFileError(f"{name}: calibration field {key!r} has a negative value ({min(values)}); "
+                                     "importance is >= 0")
+
+
 def _describe(values: dict, keys) -> str:
     def first(value):
         return value[0] if isinstance(value, tuple) else value
@@ -157,9 +198,16 @@ def load_predictor(path: str, expect: Optional[dict] = None,
             or config.get("n_blocks") != metadata["blocks"]:
         raise PredictorFileError(f"{name}: predictor settings {config!r} disagree with hidden_size="
                                  f"{metadata['hidden_size']!r}, blocks={metadata['blocks']!r}")
+    _check_calibration(name, metadata["calibration"])
     architecture = config.get("architecture", CachePredictor.architecture)
     try:
         tensors = safetensors.torch.load_file(path, device="cpu")
+        broken = [key for key, tensor in tensors.items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        if broken:
+            raise PredictorFileError(f"{name}: weights {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} "
+                                     "hold NaN or infinite values (a diverged training run?); retrain the predictor, "
+                                     "with a lower learning_rate")
         if architecture == FirstBlockPredictor.architecture:
             if first_block is None:
                 raise PredictorFileError(f"{name}: a first-block predictor; it runs only with its model")

@@ -67,6 +67,20 @@ class CacheRun:
         self._measuring = None           # uuid whose rows measure this step's cache error
         self._error_sums = [0.0, 0.0]    # this step: sum ||fresh - estimate||^2, sum ||fresh||^2 (first cond)
         self._latest_error = None        # the last error measured since the last full step
+        self._warn_if_nothing_caches()
+
+    def _warn_if_nothing_caches(self) -> None:
+        """Settings that leave nothing to cache are legal but never what the
+        user meant: say so where the summary shows."""
+        config, planner = self.config, self.planner
+        window = sum(self.schedule.in_window)
+        if config.mode == "tokencache" and 0 < window <= config.i_steps:
+            self.stats.warn_once(f"{self.name}: caching is off: i_steps={config.i_steps} covers all {window} steps "
+                                 f"of the caching window, so every step computes in full; use i_steps below {window}")
+        if planner is not None and planner.protected_last_blocks >= planner.n_blocks:
+            self.stats.warn_once(f"{self.name}: caching is off: protected_last_blocks={planner.protected_last_blocks} "
+                                 f"covers all {planner.n_blocks} blocks of this model, so no block caches; use 0 to "
+                                 f"{planner.n_blocks - 1}")
 
     # -- per model evaluation -------------------------------------------------
     def begin_forward(self, sigma: float, uuids: Sequence[Hashable], signature: tuple) -> ForwardPlan:

@@ -17,6 +17,7 @@ class WorkStats:
     token_blocks_total: int = 0
     peak_cache_bytes: int = 0
     notes: list = field(default_factory=list)        # one-time messages (fallbacks)
+    warnings: list = field(default_factory=list)     # ... those the user must see on the node
     step_errors: dict = field(default_factory=dict)  # step -> measured relative cache error (conservative steps)
     full_steps_added: int = 0                        # error-aware schedule: full steps the measured error forced
     full_steps_saved: int = 0                        # ... and cycle ends it postponed
@@ -50,6 +51,7 @@ class WorkStats:
     def warn_once(self, message: str) -> None:
         """A fallback users should hear about: noted, and logged the first time."""
         if self.note_once(message):
+            self.warnings.append(message)
             logging.warning(message)
 
     def counts(self) -> dict:
@@ -68,6 +70,17 @@ class WorkStats:
     @property
     def theoretical_speedup(self) -> float:
         return 1.0 / self.work_fraction if self.work_fraction > 0 else float("inf")
+
+    def headline(self, name: str) -> str:
+        """The short form, for the node's text box: the speedup first, then
+        what earned it, then every warning of the run."""
+        c = self.counts()
+        kinds = ", ".join(f"{c[kind.value]} {kind.value}" for kind in StepKind
+                          if c[kind.value] or kind is StepKind.FULL)
+        mib = self.peak_cache_bytes / 2**20
+        cache = f"{mib:.0f}" if mib >= 10 else f"{mib:.1f}"
+        line = f"{name} {self.theoretical_speedup:.2f}x work ({len(self.step_kinds)} steps: {kinds}), cache {cache} MiB"
+        return "\n".join([line, *self.warnings])
 
     def summary(self, name: str) -> str:
         c = self.counts()

@@ -82,9 +82,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         settings.active_run = None
-        summary = run.stats.summary(settings.name)
-        logging.info(summary)
-        show_on_node(settings.node_id, summary)
+        logging.info(run.stats.summary(settings.name))
+        show_on_node(settings.node_id, run.stats.headline(settings.name))
         run.close()
         settings.last_run = run
         guider.model_options = original_options

@@ -2,6 +2,7 @@
 fallback), and train one on your own model inside ComfyUI."""
 import logging
 import os
+from typing import Optional
 
 import folder_paths
 from comfy_api.v0_0_2 import io
@@ -22,6 +23,7 @@ CATEGORY = "sampling/token_cache"
 FOLDER = "token_cache"
 NO_PREDICTOR = "none"
 PLACEMENTS = ("measured", "predicted", "even")
+MAX_NAME_BYTES = 255   # NAME_MAX of common file systems (ext4, NTFS, APFS)
 # reuse: I-steps lie far apart, and a trend carried from them was measured worse (BENCHMARKS.md)
 TOKENCACHE_FORECAST = "reuse"
 
@@ -29,6 +31,31 @@ if FOLDER not in folder_paths.folder_names_and_paths:
     folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
 # the predictor shipped for the demo reference model is listed too; new ones go to models/token_cache
 folder_paths.add_model_folder_path(FOLDER, str(PREDICTOR_DIR), is_default=False)
+
+
+def predictor_file_name(filename: str) -> str:
+    name = filename.strip()
+    return name if name.endswith(".safetensors") else name + ".safetensors"
+
+
+def predictor_filename_problem(filename) -> Optional[str]:
+    """Why `filename` cannot name a new predictor in models/token_cache, or
+    None. Checked before training starts, so a run is never lost to a name
+    the file system refuses at the end."""
+    accepted = "give a plain file name (letters, digits, - and _; no folders), e.g. flux_dev_predictor"
+    if not isinstance(filename, str):
+        return f"filename {filename!r} is not text; {accepted}"
+    name = filename.strip()
+    if not name or name.startswith(".") or any(sep in name for sep in ("/", "\\")) \
+            or name != os.path.basename(name):
+        return f"filename {filename!r}: {accepted}"
+    if any(ord(c) < 32 for c in name):
+        return f"filename {filename!r} holds control characters; {accepted}"
+    length = len(predictor_file_name(name).encode("utf-8"))
+    if length > MAX_NAME_BYTES:
+        return (f"filename is {length} bytes long with .safetensors; file systems accept at most {MAX_NAME_BYTES}: "
+                "give a shorter name")
+    return None
 
 
 def predictor_files() -> list:
@@ -160,15 +187,19 @@ class TokenCacheTrainPredictorNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, filename, **kwargs):
-        name = (filename or "").strip()
-        if not name or name != os.path.basename(name) or name.startswith("."):
-            return f"filename {filename!r}: give a plain file name (no folders), e.g. flux_dev_predictor"
-        return True
+    def validate_inputs(cls, filename):
+        # a linked filename is validated with None: execute checks it again once it is known
+        if filename is None:
+            return True
+        problem = predictor_filename_problem(filename)
+        return problem or True
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, iterations,
                 learning_rate, cost_weight, filename, architecture="first_block", objective="chained") -> io.NodeOutput:
+        problem = predictor_filename_problem(filename)
+        if problem:
+            raise ValueError(problem)
         settings = TrainingSettings(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                                     iterations=iterations, learning_rate=learning_rate, cost_weight=cost_weight,
                                     architecture=architecture, objective=objective)
@@ -183,9 +214,7 @@ class TokenCacheTrainPredictorNode(io.ComfyNode):
                 show_on_node(node_id, text)
 
         predictor, metadata = train_predictor(model, positive, negative, latent_image, settings, progress)
-        name = filename.strip()
-        name = name if name.endswith(".safetensors") else name + ".safetensors"
-        path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
+        path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], predictor_file_name(filename))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_predictor(path, predictor, metadata)
         return io.NodeOutput(path)

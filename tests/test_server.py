@@ -314,7 +314,9 @@ def test_train_then_use_predictor(server, object_info):
     inside the server; the use-predictor workflow then runs with that file."""
     train = wt.ui_to_api(json.loads((REPO / "workflows" / "shapes_reference_train_predictor.json").read_text()), object_info)
     train_id, trainer = wt.node_of_type(train, TRAIN_NODE)
-    trainer["inputs"].update(iterations=4, steps=4, filename="server_trained")
+    # the file name comes through a link, as from a primitive node: validated with None, checked when it runs
+    train["filename_source"] = {"class_type": "PrimitiveString", "inputs": {"value": "server_trained"}}
+    trainer["inputs"].update(iterations=4, steps=4, filename=["filename_source", 0])
     for node in train.values():
         if node["class_type"] == "TokenCacheShapesEmptyLatent":
             node["inputs"]["batch_size"] = 2
@@ -342,6 +344,28 @@ def test_train_then_use_predictor(server, object_info):
     assert "broken.safetensors" in message and "truncated" in message, message[:2000]
     node["inputs"].update(predictor="server_trained.safetensors", i_steps=3)   # new inputs: not served from cache
     _run_tokencache_prompt(server, use, "after_refusal")
+
+
+def test_training_file_name_is_checked_at_validation_and_when_linked(server, object_info):
+    train = wt.ui_to_api(json.loads((REPO / "workflows" / "shapes_reference_train_predictor.json").read_text()), object_info)
+    train_id, trainer = wt.node_of_type(train, TRAIN_NODE)
+    trainer["inputs"].update(iterations=2, steps=2)
+    # typed in: refused at validation, the error on the filename input alone
+    for bad in ("../../escaped", "nul\x00byte", "x" * 250):
+        trainer["inputs"]["filename"] = bad
+        status, body = server.queue(train)
+        assert status == 400, (bad, body)
+        errors = body["node_errors"][train_id]["errors"]
+        assert [e["extra_info"]["input_name"] for e in errors] == ["filename"], errors
+    # linked: validation cannot see it; the node refuses it before training, and nothing escapes the folder
+    train["filename_source"] = {"class_type": "PrimitiveString", "inputs": {"value": "../../escaped"}}
+    trainer["inputs"]["filename"] = ["filename_source", 0]
+    entry, log = server.run(train)
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    errors = execution_errors(entry)
+    assert errors[0]["node_type"] == TRAIN_NODE and "plain file name" in errors[0]["exception_message"], errors
+    assert not list(server.models_dir.parent.rglob("escaped*"))
+    assert server.alive()
 
 
 def test_checker_finds_mistakes(object_info):

@@ -315,6 +315,65 @@ def test_bad_predictor_files_are_refused(flux, trained, predictor_dir, model_dir
     assert torch.isfinite(_run(flux, "tiny_flux.safetensors")[0]).all()
 
 
+def _with_metadata(path, target, **changes):
+    """A copy of predictor file `path` at `target` with metadata fields replaced (JSON-encoded)."""
+    data = open(path, "rb").read()
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_length])
+    header["__metadata__"].update({key: json.dumps(value) for key, value in changes.items()})
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    target.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + header_length:])
+
+
+def test_inconsistent_calibration_and_broken_weights_are_refused_at_load(flux, trained, predictor_dir):
+    good = _load(flux, trained)[1]["calibration"]
+    short = {**good, "measured": good["measured"][:-1]}
+    _with_metadata(trained, predictor_dir / "short_curve.safetensors", calibration=short)
+    _expect_refused(flux, "short_curve.safetensors", "calibration field 'measured'", "values for")
+    _with_metadata(trained, predictor_dir / "no_sigmas.safetensors", calibration={"measured": good["measured"]})
+    _expect_refused(flux, "no_sigmas.safetensors", "'sigmas' is missing")
+    _with_metadata(trained, predictor_dir / "nan_curve.safetensors", calibration={**good, "predicted": [None] * len(good["sigmas"])})
+    _expect_refused(flux, "nan_curve.safetensors", "calibration field 'predicted'", "finite")
+    # NaN weights, as a diverged training run leaves them
+    predictor, metadata = _load(flux, trained)
+    with torch.no_grad():
+        next(predictor.parameters()).fill_(float("nan"))
+    save_predictor(str(predictor_dir / "nan_weights.safetensors"), predictor, metadata)
+    _expect_refused(flux, "nan_weights.safetensors", "NaN", "retrain")
+
+
+def test_training_file_name_is_checked_before_training(flux, predictor_dir):
+    assert TokenCacheTrainPredictorNode.validate_inputs(filename=None) is True   # linked: checked in execute
+    assert TokenCacheTrainPredictorNode.validate_inputs(filename="my_predictor") is True
+    for bad, says in (("../../escaped", "plain file name"), ("a\x00b", "control characters"),
+                      ("x" * 250, "at most 255"), (".hidden", "plain file name"), ("", "plain file name")):
+        assert says in TokenCacheTrainPredictorNode.validate_inputs(filename=bad), bad
+    positive, negative, latent = _inputs(flux)
+    started = []
+    comfy.utils.set_progress_bar_global_hook(lambda *args, **kwargs: started.append(args))
+    try:
+        with pytest.raises(ValueError, match="plain file name"):
+            TokenCacheTrainPredictorNode.execute(flux, positive, negative, latent, filename="../../escaped",
+                                                 sampler_name="euler", scheduler="simple", **TRAINING)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert not started   # refused before the first iteration
+    assert not list(predictor_dir.parent.rglob("escaped*"))
+
+
+def test_settings_that_turn_caching_off_say_so_on_the_node(flux):
+    _, run = _run(flux, i_steps=STEPS)
+    assert run.stats.counts()["conservative"] == 0
+    headline = run.stats.headline("TokenCache")
+    assert f"caching is off: i_steps={STEPS} covers all {STEPS} steps" in headline, headline
+    blocks = tokencache_adapter_for(flux).block_count
+    _, run = _run(flux, protected_last_blocks=blocks)
+    assert f"protected_last_blocks={blocks} covers all {blocks} blocks" in run.stats.headline("TokenCache")
+    _, run = _run(flux, protected_last_blocks=blocks - 1)
+    assert not run.stats.warnings
+
+
 def test_cancel_stops_training_and_writes_nothing(flux, predictor_dir):
     positive, negative, latent = _inputs(flux)
 
