@@ -21,6 +21,8 @@ class DuCaCacheNode(io.ComfyNode):
             node_id="DuCaCache",
             display_name="DuCa Cache",
             category=CATEGORY,
+            search_aliases=["ToCa", "FORA", "DuCa", "token cache", "feature cache", "speed up", "accelerate",
+                            "faster sampling", "cache"],
             description=("Dual Feature Caching for diffusion transformers: every cycle starts with a full step, "
                          "then alternates aggressive steps (reuse every block) and conservative steps (recompute a "
                          f"subset of tokens in each block). Supported: {supported_families()}."),

@@ -5,6 +5,7 @@ patches (block replacements, or object patches of block submodules) hand the
 blocks' work to it."""
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -33,6 +34,7 @@ class TokenCacheSettings:
         self.calibration = calibration     # TokenCache: measured reuse cost by sigma, where the I-steps go
         self.last_run = None   # the latest finished run, for its statistics
         self.active_run = None  # the run under way, for patches that get no transformer_options
+        self.installed = None   # InstalledPatches: what this cache added to its clone, so a later node can undo it
 
     def new_run(self, model_sampling, sample_sigmas) -> CacheRun:
         start_sigma = float(model_sampling.percent_to_sigma(self.config.start_percent))
@@ -134,12 +136,59 @@ class PatchHooks:
         return self._settings.active_run
 
 
+@dataclass
+class InstalledPatches:
+    """The patches one token cache put on its clone, each with what it replaced."""
+    objects: dict    # object patch name -> (value before, ours)
+    blocks: dict     # ("double_block", i) ... -> (block replacement before, ours)
+
+
+_NOTHING = object()
+
+
+def _dit_replacements(model_patcher) -> dict:
+    return model_patcher.model_options["transformer_options"].setdefault("patches_replace", {}).setdefault("dit", {})
+
+
+def _installing(model_patcher, install) -> InstalledPatches:
+    objects, blocks = dict(model_patcher.object_patches), dict(_dit_replacements(model_patcher))
+    install()
+
+    def added(before, after):
+        return {key: (before.get(key, _NOTHING), value) for key, value in after.items()
+                if before.get(key, _NOTHING) is not value}
+    return InstalledPatches(added(objects, model_patcher.object_patches), added(blocks, _dit_replacements(model_patcher)))
+
+
+def _uninstall(model_patcher, earlier: TokenCacheSettings) -> None:
+    """Undo an earlier token cache's patches on this clone, so the cache
+    applied last is the only one: two would both drive the same run. A patch
+    another node has since put over ours stays, and is said once."""
+    kept = 0
+    for patches, table in ((earlier.installed.objects, model_patcher.object_patches),
+                           (earlier.installed.blocks, _dit_replacements(model_patcher))):
+        for key, (before, ours) in patches.items():
+            if table.get(key) is not ours:
+                kept += 1
+            elif before is _NOTHING:
+                del table[key]
+            else:
+                table[key] = before
+    for wrapper_type in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
+        model_patcher.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    del model_patcher.model_options["transformer_options"][SETTINGS_KEY]
+    if kept:
+        logging.warning(f"{earlier.name}: {kept} of its block patches were patched again by another node after it; "
+                        "those blocks keep that node's patch")
+
+
 def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=None, predictor=None, calibration=None,
                       fallback="change"):
     """A patched clone of `model`; the input model is left as it was. TokenCache
     (config.mode "tokencache") takes an optional learned predictor and its
     calibration; without one, tokens are scored by their change ("change") or
-    at random ("random", a baseline for comparisons)."""
+    at random ("random", a baseline for comparisons). A model that already
+    carries a token cache gets this one instead: the last node wins."""
     adapter = tokencache_adapter_for(model) if config.mode == "tokencache" else adapter_for(model)
     planner_args = None
     if config.mode == "tokencache":
@@ -148,9 +197,15 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
         raise ValueError(f"selector={config.selector!r} is not available for {adapter.family} models "
                          f"(it needs the attention's keys and values); accepted: {', '.join(adapter.selectors)}")
     patched = model.clone()
+    earlier = patched.model_options["transformer_options"].get(SETTINGS_KEY)
+    if earlier is not None:
+        _uninstall(patched, earlier)
+        message = f"{name} replaces {earlier.name} applied earlier to this model: only the last token cache node applies"
+        logging.warning(message)
+        show_on_node(node_id, message)
     settings = TokenCacheSettings(config, name, node_id, planner_args, calibration)
     patched.model_options["transformer_options"][SETTINGS_KEY] = settings
-    adapter.install(patched, PatchHooks(patched, settings))
+    settings.installed = _installing(patched, lambda: adapter.install(patched, PatchHooks(patched, settings)))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
     return patched

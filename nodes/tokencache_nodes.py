@@ -100,6 +100,8 @@ class TokenCacheNode(io.ComfyNode):
             node_id="TokenCache",
             display_name="TokenCache",
             category=CATEGORY,
+            search_aliases=["token cache", "feature cache", "learned cache", "speed up", "accelerate",
+                            "faster sampling", "cache"],
             description=("TokenCache: a learned predictor scores which tokens of which blocks must be recomputed; "
                          "full-compute I-steps go where the predicted importance accumulates, every other step "
                          "recomputes only the chosen tokens. Without a predictor, tokens whose block outputs "
@@ -151,6 +153,7 @@ class TokenCacheTrainPredictorNode(io.ComfyNode):
             node_id="TokenCacheTrainPredictor",
             display_name="TokenCache Train Predictor",
             category=CATEGORY,
+            search_aliases=["train token cache", "token cache predictor", "cache predictor"],
             description=("Trains a TokenCache predictor on your model, prompts and sampler (the model stays frozen) "
                          "and writes it to models/token_cache/<filename>.safetensors. Cancel stops it and writes nothing."),
             inputs=[

@@ -190,6 +190,11 @@ def test_node_definition(server):
     assert not missing, f"inputs without tooltip: {missing}"
     assert all(info.get("output_tooltips") or [None]), "output without tooltip"
     assert info["description"]
+    # node search finds them by the names users know the methods by
+    for node, words in (("DuCaCache", ["ToCa", "FORA", "token cache", "feature cache", "speed up"]),
+                        ("TokenCache", ["token cache", "feature cache", "speed up"])):
+        aliases = server.get(f"/object_info/{node}")[node].get("search_aliases") or []
+        assert set(words) <= set(aliases), (node, aliases)
 
     specs = wt.widget_specs(info)
     assert [s.name for s in specs] == DUCA_WIDGETS

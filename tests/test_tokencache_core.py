@@ -380,3 +380,21 @@ def test_predictor_work_counts_as_computed_and_shows_in_the_summary():
     assert stats.theoretical_speedup == 2.0 and stats.token_fraction == 0.4
     assert "computed 50.0% of block work, predictor 10.0% (theoretical 2.00x)" in stats.summary("TokenCache")
     assert "predictor" not in WorkStats().summary("DuCa")
+
+
+def test_headline_puts_the_speedup_first_and_fits_the_node():
+    from dit_token_cache.accel_core.schedule import StepKind
+    from dit_token_cache.accel_core.stats import WorkStats
+    stats = WorkStats()
+    for step, kind in enumerate([StepKind.FULL, StepKind.AGGRESSIVE, StepKind.CONSERVATIVE] * 8):
+        stats.record_step(step, kind)
+    stats.record_block(427.0, 100.0, 10, 3)
+    stats.peak_cache_bytes = 34 * 2**20
+    assert stats.headline("DuCa") == "DuCa 4.27x work (24 steps: 8 full, 8 aggressive, 8 conservative), cache 34 MiB"
+    toca = WorkStats()
+    toca.record_step(0, StepKind.FULL)
+    toca.record_step(1, StepKind.CONSERVATIVE)
+    toca.peak_cache_bytes = 2**19
+    toca.warn_once("caching is off: reason")
+    toca.note_once("a note for the log only")
+    assert toca.headline("ToCa") == "ToCa 1.00x work (2 steps: 1 full, 1 conservative), cache 0.5 MiB\ncaching is off: reason"
