@@ -6,8 +6,12 @@ on free memory. Entries are therefore stored per uuid and reassembled for
 whatever uuids a call carries, so both ways see the same state.
 
 Two kinds of entry: plain tensors (staleness counters, selector features),
-and features, block outputs kept with their history so they can be
-estimated at a later time (forecast.FeatureHistory).
+kept where they were computed, and features, block outputs kept with their
+history so they can be estimated at a later time (forecast.FeatureHistory),
+at the cache's precision and on its device.
+
+Keys are (block id, name); the store counts bytes per block so that a run
+with a memory budget can drop the blocks that do not fit.
 """
 import math
 from typing import Hashable, Optional, Sequence
@@ -15,13 +19,16 @@ from typing import Hashable, Optional, Sequence
 import torch
 
 from .forecast import FeatureHistory
+from .precision import unpack
 
 
 class CacheStore:
-    def __init__(self, device: Optional[torch.device] = None, depth: int = 1, max_span: float = math.inf):
-        self.device = device          # None: keep each entry where it was computed
+    def __init__(self, device: Optional[torch.device] = None, depth: int = 1, max_span: float = math.inf,
+                 precision: str = "model"):
+        self.device = device          # None: keep each feature where it was computed
         self.depth = depth            # full-step values a feature's forecast is drawn through: its order + 1
         self.max_span = max_span      # anchors further apart in time lower the order
+        self.precision = precision    # how features are stored (precision.py)
         self._entries: dict = {}      # uuid -> {key: tensor or FeatureHistory}
         self.nbytes = 0
         self.peak_bytes = 0
@@ -40,14 +47,11 @@ class CacheStore:
         entries[key] = value
         self._grown(_size(value) - before)
 
-    def _copy(self, chunk: torch.Tensor) -> torch.Tensor:
-        # a copy: ComfyUI's blocks update their inputs in place
-        return chunk.to(self.device if self.device is not None else chunk.device, copy=True)
-
     def put(self, uuids: Sequence[Hashable], key: Hashable, tensor: torch.Tensor) -> None:
         """Store a copy as a plain entry."""
         for uuid, chunk in self._chunks(uuids, tensor):
-            self._replace(self._entries.setdefault(uuid, {}), key, self._copy(chunk))
+            # a copy: ComfyUI's blocks update their inputs in place
+            self._replace(self._entries.setdefault(uuid, {}), key, chunk.clone())
 
     def put_feature(self, uuids: Sequence[Hashable], key: Hashable, tensor: torch.Tensor, time: float,
                     exact: bool = True) -> None:
@@ -57,10 +61,11 @@ class CacheStore:
             entries = self._entries.setdefault(uuid, {})
             history = entries.get(key)
             before = _size(history) if history is not None else 0
-            if not isinstance(history, FeatureHistory) or history.newest.shape != chunk.shape:
-                history, exact = FeatureHistory(self.depth, self.max_span), True
+            if not isinstance(history, FeatureHistory) or history.shape != chunk.shape:
+                history = FeatureHistory(self.depth, self.max_span, precision=self.precision, device=self.device)
+                exact = True
             if exact:
-                history.put(self._copy(chunk), time)
+                history.put(chunk, time)
             else:
                 history.refresh(None, chunk, time)
             entries[key] = history
@@ -70,18 +75,17 @@ class CacheStore:
         return all(key in self._entries.get(uuid, {}) for uuid in uuids)
 
     def shape(self, uuid: Hashable, key: Hashable) -> torch.Size:
-        return _newest(self._entries[uuid][key]).shape
-
+        return self._entries[uuid][key].shape
 
     def get(self, uuids: Sequence[Hashable], key: Hashable, device: torch.device) -> torch.Tensor:
         """The entry as last computed (a feature's newest values)."""
-        return _joined([_newest(self._entries[uuid][key]) for uuid in uuids], device)
+        return _joined([_newest(self._entries[uuid][key], device) for uuid in uuids], device)
 
     def estimate(self, uuids: Sequence[Hashable], key: Hashable, device: torch.device, time: float,
                  index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A feature estimated at `time` (FeatureHistory.estimate), of the
         tokens `index` if given."""
-        return _joined([self._entries[uuid][key].estimate(time, index) for uuid in uuids], device)
+        return _joined([self._entries[uuid][key].estimate(time, index, device) for uuid in uuids], device)
 
     def order_lowered(self, uuid: Hashable, key: Hashable) -> bool:
         """Whether anchors too far apart lower a feature's forecast order."""
@@ -109,13 +113,34 @@ class CacheStore:
     def uuids(self):
         return list(self._entries)
 
+    def block_bytes(self, uuid: Hashable, block: Hashable) -> int:
+        """What block `block` will hold for one cond once every feature's
+        history is full (depth terms), from what it holds now."""
+        total = 0
+        for key, entry in self._entries.get(uuid, {}).items():
+            if key[0] == block:
+                total += entry.nbytes // len(entry.terms) * self.depth if isinstance(entry, FeatureHistory) \
+                    else _size(entry)
+        return total
+
+    def largest_feature_bytes(self, uuid: Hashable, block: Hashable) -> int:
+        """The largest feature of block `block` for one cond, with a full history."""
+        return max((entry.nbytes // len(entry.terms) * self.depth for key, entry in self._entries.get(uuid, {}).items()
+                    if key[0] == block and isinstance(entry, FeatureHistory)), default=0)
+
+    def drop_block(self, block: Hashable) -> None:
+        """Forget every entry of block `block`, for every cond."""
+        for entries in self._entries.values():
+            for key in [key for key in entries if key[0] == block]:
+                self._grown(-_size(entries.pop(key)))
+
     def clear(self) -> None:
         self._entries = {}
         self.nbytes = 0
 
 
-def _newest(entry):
-    return entry.newest if isinstance(entry, FeatureHistory) else entry
+def _newest(entry, device):
+    return unpack(entry.terms[0], device=device) if isinstance(entry, FeatureHistory) else entry
 
 
 def _joined(chunks, device):

@@ -3,6 +3,7 @@ import math
 from dataclasses import dataclass
 
 from .forecast import FORECASTS, ORDERS
+from .precision import PRECISIONS
 
 SELECTORS = ("random", "v_norm", "k_norm", "similarity", "attention")
 DUCA_MODES = ("duca", "toca", "fora")   # the DuCa Cache node's modes
@@ -28,6 +29,8 @@ class CacheConfig:
     forecast: str = "reuse"         # how cached values stand in for fresh ones: reuse, linear, quadratic
     forecast_max_span: float = 0.3  # anchors further apart in time than this: a lower forecast order
     max_error: float = 0.0          # error-aware schedule: 0 = fixed cycles; else the measured error that forces a full step
+    cache_precision: str = "model"  # how cached features are stored: model (as computed), bf16, fp8
+    cache_budget_gb: float = 0.0    # the most the cache may hold (GiB); blocks beyond it compute in full; 0 = no limit
 
     def __post_init__(self):
         problems = []
@@ -66,12 +69,21 @@ class CacheConfig:
         elif self.max_error > 0 and self.mode not in ("duca", "toca"):
             problems.append(f"max_error={self.max_error!r} with mode={self.mode!r}: the error is measured on conservative "
                             "steps, which only modes duca and toca have; set max_error 0 or use duca/toca")
+        if self.cache_precision not in PRECISIONS:
+            problems.append(f"cache_precision={self.cache_precision!r}: accepted {', '.join(PRECISIONS)}")
+        if not (isinstance(self.cache_budget_gb, (int, float)) and math.isfinite(self.cache_budget_gb)
+                and self.cache_budget_gb >= 0):
+            problems.append(f"cache_budget_gb={self.cache_budget_gb!r}: accepted a number of GiB >= 0 (0: no limit)")
         if problems:
             raise ValueError("Invalid token cache settings: " + "; ".join(problems))
 
     @property
     def forecast_order(self) -> int:
         return ORDERS[self.forecast]
+
+    @property
+    def cache_budget_bytes(self) -> float:
+        return self.cache_budget_gb * 2**30 if self.cache_budget_gb > 0 else math.inf
 
     @property
     def max_cycle_length(self) -> int:

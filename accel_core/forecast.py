@@ -20,61 +20,74 @@ from typing import List, Optional
 
 import torch
 
+from .precision import Packed, pack, unpack, write
+
 FORECASTS = ("reuse", "linear", "quadratic")
 ORDERS = {name: order for order, name in enumerate(FORECASTS)}
 
 
 class FeatureHistory:
     """One cache entry as Newton's polynomial through its last `depth`
-    full-step values: differences[0] its constant term (the newest values,
-    shifted where conservative steps refreshed tokens), differences[k] the
+    full-step values: terms[0] its constant term (the newest values,
+    shifted where conservative steps refreshed tokens), terms[k] the
     k-th divided difference, times the full steps' times, newest first.
     depth = forecast order + 1; anchors further apart in time than `max_span`
-    lower the order used.
+    lower the order used. Terms are stored at `precision` (precision.py) on
+    `device` (None: where they were computed).
 
     Values are [rows, L, ...] with the token dimension `dim`.
     """
 
-    def __init__(self, depth: int, max_span: float = math.inf, dim: int = 1):
+    def __init__(self, depth: int, max_span: float = math.inf, dim: int = 1, precision: str = "model",
+                 device: Optional[torch.device] = None):
         if depth < 1:
             raise ValueError(f"FeatureHistory depth={depth!r}: accepted a whole number >= 1")
         self.depth = depth
         self.max_span = max_span
         self.dim = dim
-        self.differences: List[torch.Tensor] = []
+        self.precision = precision
+        self.device = device
+        self.terms: List[Packed] = []
         self.times: List[float] = []
 
     @property
     def newest(self) -> torch.Tensor:
         """The constant term: with reuse (order 0), every token's latest value."""
-        return self.differences[0]
+        return unpack(self.terms[0])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.terms[0].shape
 
     @property
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.differences)
+        return sum(term.nbytes for term in self.terms)
+
+    def _pack(self, value: torch.Tensor) -> Packed:
+        return pack(value, self.precision, self.device, self.dim)
 
     def put(self, value: torch.Tensor, time: float) -> None:
         """Every token computed exactly at `time` (a full step): a new anchor."""
         time = float(time)
         if self.times and time == self.times[0]:
-            self.differences, self.times = [], []   # the same step again: no trend from it
+            self.terms, self.times = [], []   # the same step again: no trend from it
         fresh = [value]
-        for k in range(1, min(self.depth, len(self.differences) + 1)):
-            step = (fresh[k - 1].float() - self.differences[k - 1].float()) / (time - self.times[k - 1])
+        for k in range(1, min(self.depth, len(self.terms) + 1)):
+            step = (fresh[k - 1].float() - unpack(self.terms[k - 1]).float()) / (time - self.times[k - 1])
             fresh.append(step.to(value.dtype))
-        self.differences = fresh
+        self.terms = [self._pack(term) for term in fresh]
         self.times = [time] + self.times[:self.depth - 1]
 
     def refresh(self, index: Optional[torch.Tensor], value: torch.Tensor, time: float) -> None:
         """Tokens `index` (None: all) computed again at `time` on partly
         estimated inputs: the trend goes on from their fresh values."""
-        constant = self.differences[0]
         order = self.order()
-        shifted = value.float() - self._increment(float(time), index, order) if order else value
+        shifted = value.float() - self._increment(float(time), index, order, value.device) if order else value
+        shifted = shifted.to(self.terms[0].dtype)
         if index is None:
-            self.differences[0] = shifted.to(constant.device, constant.dtype, copy=True)
+            self.terms[0] = self._pack(shifted)
         else:
-            constant.index_copy_(self.dim, index.to(constant.device), shifted.to(constant.device, constant.dtype))
+            write(self.terms[0], index, shifted, self.dim)
 
     def order(self, max_span: Optional[float] = None) -> int:
         """The order the anchors allow: k + 1 of them within `max_span` (by
@@ -88,10 +101,11 @@ class FeatureHistory:
             allowed = k
         return allowed
 
-    def _rows(self, tensor, index):
-        return tensor if index is None else tensor.index_select(self.dim, index.to(tensor.device))
+    def _rows(self, term: Packed, index: Optional[torch.Tensor], device: Optional[torch.device]) -> torch.Tensor:
+        return unpack(term, index, self.dim, device)
 
-    def _increment(self, time: float, index: Optional[torch.Tensor], order: int) -> torch.Tensor:
+    def _increment(self, time: float, index: Optional[torch.Tensor], order: int,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
         """p(time) - p(times[0]) for the polynomial p of up to `order`, float32.
         The trend is followed no further past the newest full step than the
         last two full steps are apart, then held: a line learnt over a short
@@ -102,16 +116,18 @@ class FeatureHistory:
         increment, factor = None, 1.0
         for k in range(1, order + 1):
             factor *= time - self.times[k - 1]
-            term = factor * self._rows(self.differences[k], index).float()
+            term = factor * self._rows(self.terms[k], index, device).float()
             increment = term if increment is None else increment + term
         return increment
 
-    def estimate(self, time: float, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The entry at `time` (only the tokens `index`, if given); at order 0
-        the newest values themselves. Tokens computed at `time` come back as
-        computed, to the rounding of their dtype."""
-        constant = self._rows(self.differences[0], index)
+    def estimate(self, time: float, index: Optional[torch.Tensor] = None,
+                 device: Optional[torch.device] = None) -> torch.Tensor:
+        """The entry at `time` (only the tokens `index`, if given), on `device`
+        (default: where it is stored); at order 0 the newest values themselves.
+        Tokens computed at `time` come back as computed, to the rounding of
+        their dtype and the cache's precision."""
+        constant = self._rows(self.terms[0], index, device)
         order = self.order()
         if order == 0:
             return constant
-        return (constant.float() + self._increment(float(time), index, order)).to(constant.dtype)
+        return (constant.float() + self._increment(float(time), index, order, device)).to(constant.dtype)

@@ -16,6 +16,7 @@ from typing import Callable, Hashable, Optional, Sequence
 import torch
 
 from .cache_store import CacheStore
+from .precision import packed_bytes
 from .config import CacheConfig
 from .schedule import CacheSchedule, StepKind
 from .selectors import KEPT, kept_feature, pick_tokens, random_scores, token_scores
@@ -46,7 +47,7 @@ class CacheRun:
     def __init__(self, config: CacheConfig, sample_sigmas: Sequence[float], start_sigma: float,
                  end_sigma: float, name: str = "DuCa", planner: Optional[TokenPlanner] = None,
                  step_importance: Optional[Callable[[float], float]] = None,
-                 time_of: Callable[[float], float] = float):
+                 time_of: Callable[[float], float] = float, conds: int = 1):
         self.config = config
         self.time_of = time_of           # sigma -> the coordinate forecasts extrapolate in
         self.time = None
@@ -56,7 +57,15 @@ class CacheRun:
         self.sigma = None
         self.schedule = CacheSchedule(config, sample_sigmas, start_sigma, end_sigma, step_importance)
         self.store = CacheStore(torch.device("cpu") if config.cache_device == "cpu" else None,
-                                depth=config.forecast_order + 1, max_span=config.forecast_max_span)
+                                depth=config.forecast_order + 1, max_span=config.forecast_max_span,
+                                precision=config.cache_precision)
+        self.conds = conds               # cond rows a step evaluates (cond, uncond, ...): what the budget projects by
+        self.block_cached: dict = {}     # block id -> whether its cache fits the budget (decided once, in order)
+        self._budget_used = 0.0          # projected bytes of the blocks cached so far and the final state
+        self._last_block_bytes = 0.0     # projected bytes of the last block decided
+        self._block_bytes: dict = {}     # block id -> projected bytes, of the blocks cached
+        self._final_reserved = 0.0       # what the budget holds for the final state until it is first stored
+        self._block = None               # the block between enter_block and leave_block
         self.stats = WorkStats()
         self.plan: Optional[ForwardPlan] = None
         self.last_selection: dict = {}   # block id -> indices picked at the latest conservative step
@@ -141,11 +150,16 @@ class CacheRun:
         """The block's mode at this evaluation. unavailable() says why the
         block cannot run cached (None where it can); asked only where it would."""
         kind = self.plan.kind
+        self._block = block_id
         if kind is StepKind.AGGRESSIVE:
             self.age_all(block_id, streams)
             return BlockMode.ESTIMATE
-        if not self.plan.fill:
-            return BlockMode.FALLBACK   # no later step reads what this one computes
+        if self.plan.fill and block_id not in self.block_cached and self._next_block_overflows():
+            self._decide_block(block_id, False)
+        if not self.plan.fill or not self.caches_blocks or not self.block_cached.get(block_id, True):
+            # no later step reads what this one computes, or nothing of this block is kept:
+            # fora's aggressive steps need the final state only; a block over the budget computes in full
+            return BlockMode.FALLBACK
         reason = unavailable() if unavailable is not None else None
         if reason is not None:
             self.stats.warn_once(f"{self.name}: {reason}")
@@ -157,6 +171,67 @@ class CacheRun:
     def leave_block(self, uncached_flops: float, computed_flops: float, tokens: int, computed_tokens: int) -> None:
         """The block's work at this evaluation, against an uncached run's."""
         self.stats.record_block(uncached_flops, computed_flops, tokens, computed_tokens)
+        if self._block is not None and self._block not in self.block_cached \
+                and self.config.cache_budget_bytes < float("inf") and self.plan.fill:
+            self._fit_budget(self._block)
+        self._block = None
+
+    @property
+    def caches_blocks(self) -> bool:
+        """Whether blocks keep their outputs: fora's aggressive steps read the final state only."""
+        return self.config.mode != "fora"
+
+    # -- the memory budget -------------------------------------------------------
+    def _fit_budget(self, block_id: int) -> None:
+        """The first time a block has filled its cache: keep it if its cache,
+        grown to the full forecast history for every cond, still fits the
+        budget (with room for the final state); otherwise drop it, and it
+        computes in full at every step. Decided from the first cond's entries
+        and the cond count, so batched and split CFG decide alike."""
+        first = self.plan.uuids[0]
+        per_cond = self.store.block_bytes(first, block_id)
+        if per_cond == 0:
+            return   # nothing stored (the block ran as the host's own): decided when it stores
+        if not self.block_cached:
+            # the final state, about one block output, is always kept: aggressive steps need it
+            self._budget_used = self.store.largest_feature_bytes(first, block_id) * self.conds
+            self._final_reserved = self._budget_used
+        self._last_block_bytes = per_cond * self.conds
+        fits = self._budget_used + self._last_block_bytes <= self.config.cache_budget_bytes
+        if fits:
+            self._budget_used += self._last_block_bytes
+            self._block_bytes[block_id] = self._last_block_bytes
+        else:
+            self.store.drop_block(block_id)
+        self._decide_block(block_id, fits)
+
+    def _next_block_overflows(self) -> bool:
+        """Whether a block the size of the last one decided would overflow the
+        budget: then the next block is not cached, without storing it first
+        (blocks of one model are mostly of one size)."""
+        return bool(self.block_cached) and \
+            self._budget_used + self._last_block_bytes > self.config.cache_budget_bytes
+
+    def _decide_block(self, block_id: int, cached: bool) -> None:
+        self.block_cached[block_id] = cached
+        self.stats.blocks_cached = (sum(self.block_cached.values()), len(self.block_cached))
+
+    def _make_room_for_final(self, parts) -> None:
+        """Before the final state is first stored: its true size replaces the
+        estimate reserved for it, and the last cached blocks make room if it
+        is larger, so the cache never holds more than the budget."""
+        rows = len(self.plan.uuids)
+        final = sum(packed_bytes(part, self.config.cache_precision) // rows for part in parts if part is not None)
+        self._budget_used += final * self.store.depth * self.conds - self._final_reserved
+        self._final_reserved = None
+        cached = sorted(b for b, kept in self.block_cached.items() if kept)
+        while self._budget_used > self.config.cache_budget_bytes and cached:
+            block_id = cached.pop()
+            self.store.drop_block(block_id)
+            self._budget_used -= self._block_bytes.pop(block_id)
+            self._decide_block(block_id, False)
+
+    # -- cache entries ---------------------------------------------------------------
 
     def put(self, block_id: int, name: str, tensor: torch.Tensor) -> None:
         """A plain entry (staleness, selector features), never estimated."""
@@ -213,6 +288,8 @@ class CacheRun:
     def put_final(self, *parts: Optional[torch.Tensor]) -> None:
         """The last block's output (its tensors, in order; None where it has none)."""
         self._final_parts = tuple(j for j, part in enumerate(parts) if part is not None)
+        if self._final_reserved is not None and self.config.cache_budget_bytes < float("inf"):
+            self._make_room_for_final(parts)
         for j in self._final_parts:
             self.store.put_feature(self.plan.uuids, (FINAL, j), parts[j], self.time, self.plan.kind is StepKind.FULL)
 

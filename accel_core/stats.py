@@ -21,6 +21,7 @@ class WorkStats:
     step_errors: dict = field(default_factory=dict)  # step -> measured relative cache error (conservative steps)
     full_steps_added: int = 0                        # error-aware schedule: full steps the measured error forced
     full_steps_saved: int = 0                        # ... and cycle ends it postponed
+    blocks_cached: tuple = ()                        # under a memory budget: (blocks cached, blocks decided)
 
     def record_step(self, step: int, kind: StepKind) -> None:
         # Several evaluations can share a step (split CFG, heun): a step that ran
@@ -80,6 +81,8 @@ class WorkStats:
         mib = self.peak_cache_bytes / 2**20
         cache = f"{mib:.0f}" if mib >= 10 else f"{mib:.1f}"
         line = f"{name} {self.theoretical_speedup:.2f}x work ({len(self.step_kinds)} steps: {kinds}), cache {cache} MiB"
+        if self.blocks_cached:
+            line += f", {self.blocks_cached[0]}/{self.blocks_cached[1]} blocks cached"
         return "\n".join([line, *self.warnings])
 
     def summary(self, name: str) -> str:
@@ -93,6 +96,9 @@ class WorkStats:
             errors = f", measured error mean {sum(values) / len(values):.3f} max {max(values):.3f}"
         if self.full_steps_added or self.full_steps_saved:
             errors += f", full steps +{self.full_steps_added}/-{self.full_steps_saved} by error"
+        if self.blocks_cached:
+            errors += (f", {self.blocks_cached[0]} of {self.blocks_cached[1]} blocks cached within the budget "
+                       "(the others compute in full)")
         return (f"{name}: {len(self.step_kinds)} steps ({c['full']} full, {c['aggressive']} aggressive, "
                 f"{c['conservative']} conservative), computed {100 * self.work_fraction:.1f}% of block work"
                 f"{predictor} (theoretical {self.theoretical_speedup:.2f}x), "

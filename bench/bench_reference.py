@@ -113,6 +113,11 @@ def methods_for(args) -> list:
                             tokencache("learned", placement=placement), steps))
     found.append(Method("TokenCache change I=4 r=0.9 even I-steps", "TokenCache placement",
                         tokencache("change", placement="even"), steps))
+    for precision in ("model", "bf16", "fp8"):   # issue 11: the cost of storing the cache narrower
+        for name, kw in (("DuCa N=5 r=0.9 linear", dict(cycle_length=5, forecast="linear")),
+                         ("FORA N=5 linear", dict(cycle_length=5, forecast="linear", mode="fora"))):
+            found.append(Method(f"{name} precision={precision}", "cache precision",
+                                ours(CacheConfig(cache_precision=precision, **kw)), steps))
     for t in (0.1, 0.3):
         found.append(Method(f"EasyCache t={t}", "EasyCache", lambda m, t=t: EasyCacheNode.execute(m, t, 0.15, 0.95, False).result[0], steps))
     found.append(Method("LazyCache t=0.3", "LazyCache", lambda m: LazyCacheNode.execute(m, 0.3, 0.15, 0.95, False).result[0], steps))

@@ -3,11 +3,26 @@ from comfy_api.v0_0_2 import io
 
 from ..accel_core.config import CACHE_DEVICES, DUCA_MODES, SELECTORS, CacheConfig
 from ..accel_core.forecast import FORECASTS
+from ..accel_core.precision import PRECISIONS
 from .families import supported_families
 from .patcher import apply_token_cache
 
 CATEGORY = "sampling/token_cache"
 DEFAULT_FORECAST = "linear"
+DEFAULT_PRECISION = "bf16"
+PRECISION_TOOLTIP = ("How cached features are stored: model (as computed), bf16 (2 bytes a value; the same as model "
+                     "for bf16/fp16 models), fp8 (1 byte a value with a scale per token: half of bf16). Lower "
+                     "precision is smaller and costs a little quality (BENCHMARKS.md).")
+BUDGET_TOOLTIP = ("The most memory the cache may use, in GiB; 0: no limit. Blocks are cached in order while their "
+                  "cache fits; the others compute in full at every step (slower, never wrong). ComfyUI keeps this "
+                  "much free when it loads the model. The summary says how many blocks were cached.")
+
+
+def memory_inputs():
+    """The widgets that bound the cache's memory, shared by the cache nodes."""
+    return [io.Combo.Input("cache_precision", options=list(PRECISIONS), default=DEFAULT_PRECISION,
+                           tooltip=PRECISION_TOOLTIP),
+            io.Float.Input("cache_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5, tooltip=BUDGET_TOOLTIP)]
 FORECAST_TOOLTIP = ("How values a step does not compute stand in for fresh ones: reuse (the research method) takes "
                     "them as last computed; linear and quadratic extrapolate each value from the last two or three "
                     "steps at which it was computed (a lower order where those are far apart). Each order keeps "
@@ -58,6 +73,7 @@ class DuCaCacheNode(io.ComfyNode):
                                        "they recompute; above this relative error the next step is a full step, well "
                                        "below it a cycle may stretch to twice cycle_length. 0 keeps fixed cycles. "
                                        "Modes duca and toca."),
+                *memory_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The model with DuCa token caching.")],
             hidden=[io.Hidden.unique_id],
@@ -66,10 +82,10 @@ class DuCaCacheNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, cache_ratio, cycle_length, selector, start_percent, end_percent, seed,
                 mode="duca", staleness_weight=0.25, cache_device="model_device", forecast=DEFAULT_FORECAST,
-                max_error=0.0) -> io.NodeOutput:
+                max_error=0.0, cache_precision=DEFAULT_PRECISION, cache_budget_gb=0.0) -> io.NodeOutput:
         config = CacheConfig(cache_ratio=cache_ratio, cycle_length=cycle_length, selector=selector,
                              start_percent=start_percent, end_percent=end_percent, seed=seed, mode=mode,
                              staleness_weight=staleness_weight, cache_device=cache_device, forecast=forecast,
-                             max_error=max_error)
+                             max_error=max_error, cache_precision=cache_precision, cache_budget_gb=cache_budget_gb)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         return io.NodeOutput(apply_token_cache(model, config, name=f"DuCa[{mode}]", node_id=node_id))

@@ -5,10 +5,12 @@ patches (block replacements, or object patches of block submodules) hand the
 blocks' work to it."""
 import functools
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
+import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 
@@ -36,7 +38,7 @@ class TokenCacheSettings:
         self.active_run = None  # the run under way, for patches that get no transformer_options
         self.installed = None   # InstalledPatches: what this cache added to its clone, so a later node can undo it
 
-    def new_run(self, model_sampling, sample_sigmas) -> CacheRun:
+    def new_run(self, model_sampling, sample_sigmas, conds: int = 1) -> CacheRun:
         start_sigma = float(model_sampling.percent_to_sigma(self.config.start_percent))
         end_sigma = float(model_sampling.percent_to_sigma(self.config.end_percent))
         planner = None
@@ -46,7 +48,8 @@ class TokenCacheSettings:
                                    self.config.seed, fallback)
         importance = importance_curve(self.calibration) if self.calibration else None
         return CacheRun(self.config, [float(s) for s in sample_sigmas], start_sigma, end_sigma, name=self.name,
-                        planner=planner, step_importance=importance, time_of=time_coordinate(model_sampling))
+                        planner=planner, step_importance=importance, time_of=time_coordinate(model_sampling),
+                        conds=conds)
 
 
 def time_coordinate(model_sampling):
@@ -70,6 +73,23 @@ def show_on_node(node_id, text: str) -> None:
         pass   # ComfyUI used as a library: no server to show it on
 
 
+def conds_per_step(guider) -> int:
+    """Cond entries the guider evaluates at every step (cond and uncond, or
+    cond alone where ComfyUI skips the uncond at cfg 1)."""
+    conds = getattr(guider, "conds", None) or {}
+    skip_negative = math.isclose(getattr(guider, "cfg", 1.0), 1.0) and \
+        not guider.model_options.get("disable_cfg1_optimization", False)
+    return max(1, sum(len(entries) for name, entries in conds.items() if not (name == "negative" and skip_negative)))
+
+
+def reserved_for_cache(config: CacheConfig) -> int:
+    """GPU memory ComfyUI keeps free for the cache while it loads models: the
+    budget, where one is set and the cache lives with the model."""
+    if config.cache_device != "model_device" or config.cache_budget_gb <= 0:
+        return 0
+    return int(config.cache_budget_bytes)
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
     original_options = guider.model_options
@@ -77,12 +97,16 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     transformer_options = guider.model_options["transformer_options"]
     settings: TokenCacheSettings = transformer_options[SETTINGS_KEY]
     sigmas = args[3]
-    run = settings.new_run(guider.model_patcher.model.model_sampling, sigmas)
+    run = settings.new_run(guider.model_patcher.model.model_sampling, sigmas, conds_per_step(guider))
     transformer_options[RUN_KEY] = run
     settings.active_run = run
+    # ComfyUI's own reservation: model loading (inside this call) leaves the cache room
+    reserved = reserved_for_cache(settings.config)
+    comfy.model_management.EXTRA_RESERVED_VRAM += reserved
     try:
         return executor(*args, **kwargs)
     finally:
+        comfy.model_management.EXTRA_RESERVED_VRAM -= reserved
         settings.active_run = None
         logging.info(run.stats.summary(settings.name))
         show_on_node(settings.node_id, run.stats.headline(settings.name))

@@ -12,7 +12,7 @@ import comfy.utils
 
 from ..accel_core.config import CacheConfig
 from ..accel_core.forecast import FORECASTS
-from .duca_node import FORECAST_TOOLTIP
+from .duca_node import DEFAULT_PRECISION, FORECAST_TOOLTIP, memory_inputs
 from ..accel_core.predictor_file import PredictorFileError, load_predictor, save_predictor
 from ..reference.model import PREDICTOR_DIR
 from .patcher import apply_token_cache, show_on_node
@@ -127,6 +127,7 @@ class TokenCacheNode(io.ComfyNode):
                                        "cost of reusing the cache accumulates, where the predicted importance does "
                                        "(the paper's rule), or evenly. Without a predictor: evenly."),
                 io.Combo.Input("forecast", options=list(FORECASTS), default=TOKENCACHE_FORECAST, tooltip=FORECAST_TOOLTIP),
+                *memory_inputs(),
             ],
             outputs=[io.Model.Output(tooltip="The model with TokenCache.")],
             hidden=[io.Hidden.unique_id],
@@ -134,10 +135,12 @@ class TokenCacheNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, predictor, cache_ratio, i_steps, protected_last_blocks, start_percent,
-                end_percent, i_step_placement="measured", forecast=TOKENCACHE_FORECAST) -> io.NodeOutput:
+                end_percent, i_step_placement="measured", forecast=TOKENCACHE_FORECAST,
+                cache_precision=DEFAULT_PRECISION, cache_budget_gb=0.0) -> io.NodeOutput:
         config = CacheConfig(mode="tokencache", cache_ratio=cache_ratio, i_steps=i_steps,
                              protected_last_blocks=protected_last_blocks, start_percent=start_percent,
-                             end_percent=end_percent, forecast=forecast)
+                             end_percent=end_percent, forecast=forecast, cache_precision=cache_precision,
+                             cache_budget_gb=cache_budget_gb)
         learned, calibration = (None, None) if predictor == NO_PREDICTOR else load_for_model(model, predictor)
         calibration = step_importance(calibration, i_step_placement)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None

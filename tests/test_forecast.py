@@ -49,7 +49,7 @@ def test_order_one_misses_curvature_that_order_two_captures():
 def test_reuse_returns_the_newest_values_untouched():
     h = history(linear, [0.9, 0.5], 1)
     assert h.estimate(0.1) is h.newest
-    assert torch.equal(h.newest, linear(0.5)) and len(h.differences) == 1
+    assert torch.equal(h.newest, linear(0.5)) and len(h.terms) == 1
 
 
 def test_guard_falls_back_to_a_lower_order_when_full_steps_are_far_apart():
@@ -79,7 +79,7 @@ def test_refreshed_tokens_carry_the_trend_of_the_full_steps_from_their_own_value
     # the tokens computed now come back as computed
     torch.testing.assert_close(h.estimate(0.5)[:, index], linear(0.5)[:, index] + offset, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(h.estimate(0.35, index=torch.tensor([0, 3])), expected[:, [0, 3]])
-    assert len(h.differences) == 2                             # no copy beyond the trend's
+    assert len(h.terms) == 2                             # no copy beyond the trend's
     h.refresh(None, linear(0.4), 0.4)                          # every token, e.g. a conservative step's final state
     torch.testing.assert_close(h.estimate(0.32), linear(0.32))
 

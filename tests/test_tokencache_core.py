@@ -20,7 +20,7 @@ B, L, D, N = 2, 16, 8, 3
 META = {"family": "Flux", "hidden_size": D, "blocks": N, "block_counts": {"double": 1, "single": 2},
         "token_layout": {"order": "text,image", "text_tokens": 4, "image_tokens": 12},
         "training": {"steps": 30, "cost_weight": 0.1, "lr": 0.01},
-        "calibration": {"importance": [0.9, 0.5, 0.2, 0.1], "i_steps": [0, 2]}}
+        "calibration": {"sigmas": [1.0, 0.7, 0.4, 0.1], "measured": [0.9, 0.5, 0.2, 0.1]}}
 
 
 def predictor(seed=0):

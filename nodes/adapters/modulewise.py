@@ -166,13 +166,15 @@ class ModulewiseAdapter:
             output = forward(*args, **kwargs)
         finally:
             call, self.call = self.call, None
-        if mode is BlockMode.FULL:
+        if mode is BlockMode.FULL or mode is BlockMode.FALLBACK:
+            # every token computed: the work aggressive steps count, and the final state they estimate
             rows = _first_tensor(args, kwargs).shape[0]
             _state(run).work[block_id] = BlockWork(call.full_flops / rows, call.tokens / rows,
                                                    1 + max(call.stream_tokens, default=0))
-            for stream, (tokens, device) in call.stream_tokens.items():
-                run.reset_staleness(block_id, tokens, device, stream)
-            if block_id == self.last_block:
+            if mode is BlockMode.FULL:
+                for stream, (tokens, device) in call.stream_tokens.items():
+                    run.reset_staleness(block_id, tokens, device, stream)
+            if block_id == self.last_block and run.plan.fill:
                 self._store_output(run, output)
         run.leave_block(call.full_flops, call.computed_flops, call.tokens, call.computed_tokens)
         return output

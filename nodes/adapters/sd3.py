@@ -15,7 +15,7 @@ pre-only (no proj, no MLP, no text output)."""
 import dataclasses
 import functools
 
-from ...accel_core.schedule import StepKind
+from ...accel_core.run import BlockMode
 from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
 
 
@@ -76,7 +76,7 @@ class SD3Adapter(ModulewiseAdapter):
 
     def _joint_block(self, current_run, block_id, block, group, forward, context, x, c, **kwargs):
         run = current_run()
-        if (run is None or run.plan is None or run.plan.kind is not StepKind.CONSERVATIVE
+        if (run is None or run.plan is None or self.call is None or self.call.mode is not BlockMode.SUBSET
                 or not self._attention_cached(run, block_id, group, context, x)):
             return forward(context, x, c=c, **kwargs)
         return conservative_joint_block(block, context, x, c)
