@@ -19,7 +19,7 @@ import workflow_tools as wt  # harness/, on sys.path through conftest
 from comfy_server import execution_errors, start_server
 from tiny_models import FAMILIES, build_checkpoint, model_config
 
-from dit_token_cache.nodes.duca_node import DEFAULT_FORECAST
+from dit_token_cache.nodes.duca_node import DEFAULT_FORECAST, DEFAULT_PRECISION
 from dit_token_cache.nodes.tokencache_nodes import TOKENCACHE_FORECAST
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,8 @@ TINY_STEPS = 6
 SHIPPED_MODEL = "TokenCacheShapesModel"
 
 DUCA_WIDGETS = ["cache_ratio", "cycle_length", "selector", "start_percent", "end_percent", "seed",
-                "mode", "staleness_weight", "cache_device", "forecast", "max_error"]
+                "mode", "staleness_weight", "cache_device", "forecast", "max_error", "cache_precision",
+                "cache_budget_gb"]
 
 SUMMARY = re.compile(r"DuCa\[(\w+)\]: (\d+) steps \((\d+) full, (\d+) aggressive, (\d+) conservative\)")
 TOKENCACHE_SUMMARY = re.compile(r"TokenCache\[(\w+)\]: (\d+) steps \((\d+) full, (\d+) aggressive, (\d+) conservative\)")
@@ -205,7 +206,7 @@ def test_node_definition(server):
     combos = {s.name: list(s.choices) for s in specs if s.kind == "COMBO"}
     assert combos == {"selector": ["random", "v_norm", "k_norm", "similarity", "attention"],
                       "mode": ["duca", "toca", "fora"], "cache_device": ["model_device", "cpu"],
-                      "forecast": ["reuse", "linear", "quadratic"]}
+                      "forecast": ["reuse", "linear", "quadratic"], "cache_precision": ["model", "bf16", "fp8"]}
 
 
 def test_workflows_present():
@@ -214,8 +215,10 @@ def test_workflows_present():
 
 
 @pytest.mark.parametrize("name, node_type, added", [
-    ("shapes_reference_tokencache", "TokenCache", {"i_step_placement": "measured", "forecast": TOKENCACHE_FORECAST}),
-    ("shapes_reference_duca", "DuCaCache", {"forecast": DEFAULT_FORECAST, "max_error": 0.0}),
+    ("shapes_reference_tokencache", "TokenCache", {"i_step_placement": "measured", "forecast": TOKENCACHE_FORECAST,
+                                                   "cache_precision": DEFAULT_PRECISION, "cache_budget_gb": 0.0}),
+    ("shapes_reference_duca", "DuCaCache", {"forecast": DEFAULT_FORECAST, "max_error": 0.0,
+                                            "cache_precision": DEFAULT_PRECISION, "cache_budget_gb": 0.0}),
     ("shapes_reference_train_predictor", TRAIN_NODE, {"architecture": "first_block", "objective": "chained"})])
 def test_workflow_saved_before_new_widgets_loads_with_their_defaults(name, node_type, added, object_info):
     """Files shared before a widget was added at the end still load: the new
