@@ -54,15 +54,17 @@ class CacheStore:
             self._replace(self._entries.setdefault(uuid, {}), key, chunk.clone())
 
     def put_feature(self, uuids: Sequence[Hashable], key: Hashable, tensor: torch.Tensor, time: float,
-                    exact: bool = True) -> None:
+                    exact: bool = True, precision: Optional[str] = None) -> None:
         """Every token of a feature computed at `time`: at a full step (`exact`)
-        a new anchor of its history, otherwise a new base for every token."""
+        a new anchor of its history, otherwise a new base for every token.
+        `precision` overrides the store's for this feature."""
         for uuid, chunk in self._chunks(uuids, tensor):
             entries = self._entries.setdefault(uuid, {})
             history = entries.get(key)
             before = _size(history) if history is not None else 0
             if not isinstance(history, FeatureHistory) or history.shape != chunk.shape:
-                history = FeatureHistory(self.depth, self.max_span, precision=self.precision, device=self.device)
+                history = FeatureHistory(self.depth, self.max_span, precision=precision or self.precision,
+                                         device=self.device)
                 exact = True
             if exact:
                 history.put(chunk, time)

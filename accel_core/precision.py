@@ -7,7 +7,8 @@ they can be kept narrower than computed:
 - "bf16": 2 bytes per value; the same as "model" for bf16 and fp16 models;
 - "fp8": 1 byte per value (float8 e4m3) with one float32 scale per token, so
   every token uses the format's full range whatever its magnitude. Tensors
-  without a separate hidden dimension after the token one fall back to bf16.
+  without a separate hidden dimension after the token one fall back to bf16,
+  and the model's last hidden state stays bf16 (final_precision).
 Values always come back in the dtype they were computed in.
 
 A cache kept in CPU memory (cache_device cpu) for a model on a GPU lives in
@@ -42,6 +43,14 @@ class Packed:
     @property
     def shape(self) -> torch.Size:
         return self.data.shape
+
+
+def final_precision(precision: str) -> str:
+    """The model's last hidden state is kept at bf16 at least: aggressive steps
+    hand its estimate straight to the output layer, where fp8's rounding shows
+    in the image (measured: FORA N=5 -1.0 dB with it in fp8), and it is one
+    block output among dozens."""
+    return "bf16" if precision == "fp8" else precision
 
 
 def store_on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Callable, Hashable, Optional, Sequence
 import torch
 
 from .cache_store import CacheStore
-from .precision import packed_bytes
+from .precision import final_precision, packed_bytes
 from .config import CacheConfig
 from .schedule import CacheSchedule, StepKind
 from .selectors import KEPT, kept_feature, pick_tokens, random_scores, token_scores
@@ -221,7 +221,8 @@ class CacheRun:
         estimate reserved for it, and the last cached blocks make room if it
         is larger, so the cache never holds more than the budget."""
         rows = len(self.plan.uuids)
-        final = sum(packed_bytes(part, self.config.cache_precision) // rows for part in parts if part is not None)
+        final = sum(packed_bytes(part, final_precision(self.config.cache_precision)) // rows
+                    for part in parts if part is not None)
         self._budget_used += final * self.store.depth * self.conds - self._final_reserved
         self._final_reserved = None
         cached = sorted(b for b, kept in self.block_cached.items() if kept)
@@ -291,7 +292,8 @@ class CacheRun:
         if self._final_reserved is not None and self.config.cache_budget_bytes < float("inf"):
             self._make_room_for_final(parts)
         for j in self._final_parts:
-            self.store.put_feature(self.plan.uuids, (FINAL, j), parts[j], self.time, self.plan.kind is StepKind.FULL)
+            self.store.put_feature(self.plan.uuids, (FINAL, j), parts[j], self.time, self.plan.kind is StepKind.FULL,
+                                   final_precision(self.config.cache_precision))
 
     def has_final(self, uuids: Sequence[Hashable]) -> bool:
         return self._final_parts is not None and all(self.store.has(uuids, (FINAL, j)) for j in self._final_parts)

@@ -14,7 +14,7 @@ full step has filled the cache:
 - each forecast order keeps one more copy of every output (the divided
   differences of the last full steps);
 - cache_precision: model dtype, bf16 (2 bytes a value), or fp8 (1 byte a
-  value and a float32 scale per token);
+  value and a float32 scale per token; the last block's output stays bf16);
 - cache_budget_gb: blocks are kept in order while their cache fits, exactly
   as CacheRun decides (accel_core/run.py), the others compute in full.
 
@@ -38,6 +38,11 @@ def feature_bytes(tokens: int, dim: int, dtype_bytes: int, precision: str = "mod
     if precision == "bf16":
         return tokens * dim * min(2, dtype_bytes)
     return tokens * dim * dtype_bytes
+
+
+def final_precision(precision: str) -> str:
+    """The last hidden state is kept at bf16 at least (accel_core/precision.py)."""
+    return "bf16" if precision == "fp8" else precision
 
 
 def _budgeted(blocks, final, first_block_largest, conds, budget_bytes):
@@ -67,7 +72,7 @@ def flux_cache_bytes(img_tokens: int, txt_tokens: int, hidden: int, double: int,
     copies = 1 + forecast_order
     joint = img_tokens + txt_tokens
     feature = lambda tokens: feature_bytes(tokens, hidden, dtype_bytes, precision)  # noqa: E731
-    final = copies * feature(joint)
+    final = copies * feature_bytes(joint, hidden, dtype_bytes, final_precision(precision))
     if mode == "fora":
         return conds * final, 0
     double_block = copies * 2 * (feature(img_tokens) + feature(txt_tokens)) + 4 * joint
@@ -83,7 +88,7 @@ def wan_cache_bytes(tokens: int, dim: int, blocks: int, dtype_bytes: int, conds:
     self_attn, cross_attn, ffn per block), once a conservative step has run."""
     copies = 1 + forecast_order
     row = feature_bytes(tokens, dim, dtype_bytes, precision)
-    final = copies * row
+    final = copies * feature_bytes(tokens, dim, dtype_bytes, final_precision(precision))
     if mode == "fora":
         return conds * final, 0
     # similarity keeps the inputs of cross_attn and ffn as they are (model dtype)
