@@ -43,37 +43,38 @@ def family_model(request, tiny_model):
 def test_the_users_attention_override_computes_every_attention(family_model):
     """ComfyUI's attention override (transformer_options
     optimized_attention_override, as attention-patching nodes set it) is
-    called for every attention the cached model computes, and what it
-    returns is what the model uses."""
+    called for every attention the cached model computes: at a full step as
+    often as in an uncached model call, and what it returns is what the
+    model uses."""
     family, model = family_model
-    calls = []
+    cached = apply_token_cache(model, CacheConfig(cycle_length=3, cache_ratio=0.5))
+    settings = cached.model_options["transformer_options"][SETTINGS_KEY]
+    calls = {}
 
     def counting(func, *args, **kwargs):
-        calls.append(1)
+        run = settings.active_run
+        key = run.plan.kind.value if run is not None and run.plan is not None else "uncached"
+        calls[key] = calls.get(key, 0) + 1
         return func(*args, **kwargs)
 
     def doubling(func, *args, **kwargs):
         return 2 * func(*args, **kwargs)
 
-    cached = apply_token_cache(model, CacheConfig(cycle_length=3, cache_ratio=0.5))
     plain = _sample(family, cached)
     overridden = cached.clone()
     overridden.model_options["transformer_options"]["optimized_attention_override"] = counting
     assert torch.equal(_sample(family, overridden), plain)
-    # the uncached model calls it the same way, once per attention per evaluation
-    reference_calls = len(calls)
-    calls.clear()
+    counts = _stats(overridden).counts()
     uncached = model.clone()
     uncached.model_options["transformer_options"]["optimized_attention_override"] = counting
     _sample(family, uncached)
-    stats = _stats(overridden)
-    assert 0 < reference_calls < len(calls), (reference_calls, len(calls))   # cached steps skip attention
-    # full steps and conservative steps compute attention through the override: a changed attention
-    # changes the cached run
+    per_call = calls["uncached"] / STEPS   # cond and uncond batched: one model call per step
+    assert calls["full"] == per_call * counts["full"], (calls, counts)
+    assert "aggressive" not in calls        # aggressive steps compute no attention
+    # what the override returns is used: a changed attention changes the cached run
     changed = cached.clone()
     changed.model_options["transformer_options"]["optimized_attention_override"] = doubling
     assert not torch.equal(_sample(family, changed), plain)
-    assert stats.counts()["full"] >= 3
 
 
 def _tiny_flux_controlnet(model, seed=0):
