@@ -82,6 +82,11 @@ class CacheConfig:
         return ORDERS[self.forecast]
 
     @property
+    def caches_something(self) -> bool:
+        """Whether any step can use the cache: cycle_length 1 computes every step in full."""
+        return self.mode == "tokencache" or self.cycle_length > 1
+
+    @property
     def cache_budget_bytes(self) -> float:
         return self.cache_budget_gb * 2**30 if self.cache_budget_gb > 0 else math.inf
 

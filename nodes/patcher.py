@@ -134,6 +134,11 @@ def apply_model_wrapper(executor, x, t, *args, **kwargs):
         run.end_forward()
 
 
+# The cache's decisions are Python state that changes every step: torch.compile
+# (ComfyUI's TorchCompileModel) must not trace them, or it recompiles at every
+# new step kind and block and hits its recompile limit. Cached blocks run as
+# written; the compiled graph keeps everything around them.
+@torch.compiler.disable
 def _block_patch(adapter_method, index, earlier_patch, args, extra):
     original = extra["original_block"]
     if earlier_patch is not None:
@@ -229,7 +234,12 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
         show_on_node(node_id, message)
     settings = TokenCacheSettings(config, name, node_id, planner_args, calibration)
     patched.model_options["transformer_options"][SETTINGS_KEY] = settings
-    settings.installed = _installing(patched, lambda: adapter.install(patched, PatchHooks(patched, settings)))
+    if config.caches_something:
+        settings.installed = _installing(patched, lambda: adapter.install(patched, PatchHooks(patched, settings)))
+    else:
+        # cycle_length 1: every step computes in full, so the blocks stay the model's own (and compiled
+        # models stay bit-identical); the run still reports its steps
+        settings.installed = InstalledPatches({}, {})
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, apply_model_wrapper)
     return patched

@@ -148,6 +148,7 @@ class ModulewiseAdapter:
                 model_patcher.add_object_patch(module_path, functools.partial(self._module, current_run, block_id, spec, forward, flops))
 
     # -- block ------------------------------------------------------------------
+    @torch.compiler.disable   # the cache's Python state stays out of torch.compile's graphs (nodes/patcher.py)
     def _block(self, current_run, block_id, group, forward, *args, **kwargs):
         run = current_run()
         if run is None or run.plan is None:
