@@ -118,6 +118,10 @@ def methods_for(args) -> list:
                          ("FORA N=5 linear", dict(cycle_length=5, forecast="linear", mode="fora"))):
             found.append(Method(f"{name} precision={precision}", "cache precision",
                                 ours(CacheConfig(cache_precision=precision, **kw)), steps))
+    for budget in (0.066, 0.033):   # about half and a quarter of the bf16 cache of a 64-image batch
+        found.append(Method(f"DuCa N=5 r=0.9 linear precision=bf16 budget={budget}GiB", "cache precision",
+                            ours(CacheConfig(cycle_length=5, forecast="linear", cache_precision="bf16",
+                                             cache_budget_gb=budget)), steps))
     for t in (0.1, 0.3):
         found.append(Method(f"EasyCache t={t}", "EasyCache", lambda m, t=t: EasyCacheNode.execute(m, t, 0.15, 0.95, False).result[0], steps))
     found.append(Method("LazyCache t=0.3", "LazyCache", lambda m: LazyCacheNode.execute(m, 0.3, 0.15, 0.95, False).result[0], steps))

@@ -35,7 +35,7 @@ TINY_FAMILY = {
     "PixArt-Sigma-XL-2-1024-MS.safetensors": "pixart_sigma",
     "sd3.5_large.safetensors": "sd3",
     "wan2.1_t2v_14B_bf16.safetensors": "wan_t2v",
-    "wan2.1_i2v_480p_14B_bf16.safetensors": "wan_i2v",
+    "wan2.1_i2v_480p_14B_fp16.safetensors": "wan_i2v",
     "qwen_image_fp8_e4m3fn.safetensors": "qwen_image",
 }
 # Families whose ComfyUI model reads the pooled text output whatever the conditioning (SD3:
