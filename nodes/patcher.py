@@ -90,8 +90,22 @@ def reserved_for_cache(config: CacheConfig) -> int:
     return int(config.cache_budget_bytes)
 
 
+def refuse_multigpu_copies(model_patcher, name: str) -> None:
+    """ComfyUI's MultiGPU CFG Split runs deep copies of the model on other
+    GPUs, each in its own thread. The cache's adapters hold the main copy's
+    blocks and one run state, so a copy would compute with another GPU's
+    weights: refused, before anything loads."""
+    copies = [m for m in model_patcher.get_additional_models_with_key("multigpu")
+              if getattr(m, "is_multigpu_base_clone", False)]
+    if copies:
+        raise ValueError(f"{name} does not work with MultiGPU CFG Split yet ({len(copies)} model copies on "
+                         f"{', '.join(str(m.load_device) for m in copies)}): each copy would need its own cache. "
+                         "Remove the MultiGPU CFG Split node, or the token cache node, from this graph.")
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
+    refuse_multigpu_copies(guider.model_patcher, guider.model_options["transformer_options"][SETTINGS_KEY].name)
     original_options = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     transformer_options = guider.model_options["transformer_options"]

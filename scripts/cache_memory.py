@@ -107,12 +107,12 @@ RUNS = {   # name: (formula, sizes, conds)
         "flux", dict(img_tokens=video_tokens(129, 1280, 720), txt_tokens=256, hidden=3072, double=20, single=40), 1),
 }
 SETTINGS = [   # column: (forecast order, precision, budget GiB, mode)
-    ("linear, model precision (bf16)", 1, "model", None, "duca"),
-    ("reuse, bf16", 0, "bf16", None, "duca"),
-    ("linear, fp8", 1, "fp8", None, "duca"),
-    ("reuse, fp8", 0, "fp8", None, "duca"),
-    ("linear, fp8, budget 16 GiB", 1, "fp8", 16, "duca"),
-    ("fora linear, bf16", 1, "bf16", None, "fora"),
+    ("`linear`, model precision", 1, "model", None, "duca"),
+    ("`reuse`, bf16", 0, "bf16", None, "duca"),
+    ("`linear`, fp8", 1, "fp8", None, "duca"),
+    ("`reuse`, fp8", 0, "fp8", None, "duca"),
+    ("`linear`, fp8, budget 16 GiB", 1, "fp8", 16, "duca"),
+    ("fora `linear`, bf16", 1, "bf16", None, "fora"),
 ]
 
 

@@ -131,3 +131,22 @@ def test_easycache_in_the_same_graph(family_model, order):
     stats = _stats(combined)
     assert len(stats.step_kinds) <= STEPS and 0 < stats.work_fraction < 1.0
     assert _rel(out, _sample(family, model)) < 0.6
+
+
+def test_multigpu_cfg_split_copies_are_refused_clearly(tiny_model):
+    """MultiGPU CFG Split needs a second GPU, which CPU tests do not have; its
+    model copies are what the cache refuses: each would run the main copy's
+    blocks from another GPU's thread. Marked as ComfyUI marks them, the run
+    stops with a clear error before anything loads, and the model then
+    samples normally."""
+    family = "flux_schnell"
+    model = tiny_model(family)
+    cached = apply_token_cache(model, CacheConfig(cycle_length=3))
+    split = cached.clone()
+    copy = cached.clone()
+    copy.is_multigpu_base_clone = True
+    split.set_additional_models("multigpu", [copy])
+    with pytest.raises(ValueError, match="does not work with MultiGPU CFG Split yet.*Remove"):
+        _sample(family, split)
+    out = _sample(family, cached)
+    assert torch.isfinite(out).all() and _stats(cached).counts()["aggressive"] > 0
