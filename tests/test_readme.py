@@ -90,3 +90,14 @@ def test_compatibility_rows_name_tests_that_exist():
     for row in rows:
         for path in re.findall(r"`(tests/[\w/]+\.py)`", row[2]):
             assert (REPO / path).is_file(), path
+
+
+def test_every_workflow_has_a_template_thumbnail():
+    """ComfyUI's template browser shows <name>.jpg beside <name>.json."""
+    from PIL import Image
+    workflows = sorted((REPO / "workflows").glob("*.json"))
+    assert workflows
+    for path in workflows:
+        with Image.open(path.with_suffix(".jpg")) as image:
+            assert image.format == "JPEG" and image.size == (512, 512), path
+    assert sorted(p.stem for p in (REPO / "workflows").glob("*.jpg")) == [p.stem for p in workflows]
