@@ -108,7 +108,13 @@ class ComfyServer:
         status, body = self.queue(prompt)
         if status != 200:
             raise ServerError(f"/prompt refused the prompt: HTTP {status}: {json.dumps(body, indent=1)[:4000]}")
-        prompt_id = body["prompt_id"]
+        return self.wait_for(body["prompt_id"], timeout, log_start)
+
+    def wait_for(self, prompt_id, timeout=PROMPT_TIMEOUT, log_start=0):
+        """Wait until a queued prompt (queued here or by a browser) succeeds or fails.
+
+        Returns (history entry, server log from `log_start` on).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             entry = self.get(f"/history/{prompt_id}").get(prompt_id)
