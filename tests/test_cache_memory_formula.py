@@ -38,46 +38,41 @@ def _dtype_bytes(model):
     return torch.empty((), dtype=model.model.get_dtype_inference()).element_size()
 
 
-@pytest.mark.parametrize("settings", SETTINGS, ids=str)
-def test_wan_formula_equals_the_measured_peak(tiny_model, settings):
-    model = tiny_model("wan_t2v")
-    unet = model.model.model_config.unet_config
-    full_peak = _measure(model, "wan_t2v", WAN_SIZE, {"forecast": settings["forecast"],
-                                                      "cache_precision": settings.get("cache_precision", "model")})[1].peak_cache_bytes
-    config, stats, budget = _measure(model, "wan_t2v", WAN_SIZE, settings, full_peak)
-    def formula(**kw):
-        return wan_cache_bytes(video_tokens(**WAN_SIZE), unet["dim"], unet["num_layers"], _dtype_bytes(model), conds=2,
-                               selector=config.selector, precision=config.cache_precision, mode=config.mode, **kw)
-    expected, kept = formula(forecast_order=config.forecast_order, budget_bytes=budget)
+def _check(model, family, size, settings, formula, blocks):
+    """Measure a run with `settings` and compare with formula(model, config, **kw)
+    -> (bytes, blocks kept); under a budget, the peak within one block."""
+    unlimited = {"forecast": settings["forecast"], "cache_precision": settings.get("cache_precision", "model")}
+    full_peak = _measure(model, family, size, unlimited)[1].peak_cache_bytes
+    config, stats, budget = _measure(model, family, size, settings, full_peak)
+    expected, kept = formula(model, config, forecast_order=config.forecast_order, budget_bytes=budget)
     if not budget:
         assert stats.peak_cache_bytes == expected
-    else:
-        one_block = formula(forecast_order=0)[0] // (unet["num_layers"] + 1)   # one anchor of one block, both conds
-        assert expected <= stats.peak_cache_bytes <= max(expected, budget) + one_block, (stats.peak_cache_bytes, expected)
-        assert stats.blocks_cached[0] == kept, (stats.blocks_cached, kept)
-        assert kept > 0 or settings["budget_share"] < 0.5
+        return
+    one_block = formula(model, config, forecast_order=0)[0] // blocks * 2   # a bound on one anchor of one block
+    assert expected <= stats.peak_cache_bytes <= max(expected, budget) + one_block, (stats.peak_cache_bytes, expected)
+    assert stats.blocks_cached[0] == kept, (stats.blocks_cached, kept)
+    assert kept > 0 or settings["budget_share"] < 0.5
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=str)
+def test_wan_formula_equals_the_measured_peak(tiny_model, settings):
+    def formula(model, config, **kw):
+        unet = model.model.model_config.unet_config
+        return wan_cache_bytes(video_tokens(**WAN_SIZE), unet["dim"], unet["num_layers"], _dtype_bytes(model), conds=2,
+                               selector=config.selector, precision=config.cache_precision, mode=config.mode, **kw)
+    model = tiny_model("wan_t2v")
+    _check(model, "wan_t2v", WAN_SIZE, settings, formula, model.model.model_config.unet_config["num_layers"])
 
 
 @pytest.mark.parametrize("settings", [s for s in SETTINGS if s.get("selector", "random") == "random"], ids=str)
 def test_flux_formula_equals_the_measured_peak(tiny_model, settings):
+    def formula(model, config, **kw):
+        unet = model.model.model_config.unet_config
+        positive, _ = tiny_models.conditioning("flux_schnell", model)
+        img_tokens = (FLUX_SIZE["width"] // 16) * (FLUX_SIZE["height"] // 16)
+        return flux_cache_bytes(img_tokens, positive[0][0].shape[1], unet["hidden_size"], unet["depth"],
+                                unet["depth_single_blocks"], _dtype_bytes(model), conds=2,
+                                precision=config.cache_precision, mode=config.mode, **kw)
     model = tiny_model("flux_schnell")
     unet = model.model.model_config.unet_config
-    full_peak = _measure(model, "flux_schnell", FLUX_SIZE, {"forecast": settings["forecast"],
-                         "cache_precision": settings.get("cache_precision", "model")})[1].peak_cache_bytes
-    config, stats, budget = _measure(model, "flux_schnell", FLUX_SIZE, settings, full_peak)
-    positive, _ = tiny_models.conditioning("flux_schnell", model)
-    txt_tokens = positive[0][0].shape[1]
-    img_tokens = (FLUX_SIZE["width"] // 16) * (FLUX_SIZE["height"] // 16)
-    blocks = unet["depth"] + unet["depth_single_blocks"]
-
-    def formula(**kw):
-        return flux_cache_bytes(img_tokens, txt_tokens, unet["hidden_size"], unet["depth"], unet["depth_single_blocks"],
-                                _dtype_bytes(model), conds=2, precision=config.cache_precision, mode=config.mode, **kw)
-    expected, kept = formula(forecast_order=config.forecast_order, budget_bytes=budget)
-    if not budget:
-        assert stats.peak_cache_bytes == expected
-    else:
-        largest_block = formula(forecast_order=0)[0]   # a bound on one anchor of one block, both conds
-        assert expected <= stats.peak_cache_bytes <= max(expected, budget) + largest_block // blocks * 2
-        assert stats.blocks_cached[0] == kept, (stats.blocks_cached, kept)
-        assert kept > 0 or settings["budget_share"] < 0.5
+    _check(model, "flux_schnell", FLUX_SIZE, settings, formula, unet["depth"] + unet["depth_single_blocks"])
