@@ -101,3 +101,30 @@ def test_every_workflow_has_a_template_thumbnail():
         with Image.open(path.with_suffix(".jpg")) as image:
             assert image.format == "JPEG" and image.size == (512, 512), path
     assert sorted(p.stem for p in (REPO / "workflows").glob("*.jpg")) == [p.stem for p in workflows]
+
+
+LOADER_FOLDERS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders",
+                  "TripleCLIPLoader": "text_encoders", "VAELoader": "vae", "CLIPVisionLoader": "clip_vision"}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_real_model_workflows_say_what_to_download(path):
+    """Every model file a real-model workflow loads has ComfyUI's download
+    metadata on its loader (an https Hugging Face link into the loader's
+    folder) or is named, with where to get it, in the workflow's Note."""
+    nodes = json.loads(path.read_text())["nodes"]
+    loaders = [n for n in nodes if n["type"] in LOADER_FOLDERS]
+    if not loaders:
+        return   # the reference-model workflows load nothing from disk
+    (note,) = [n["widgets_values"][0] for n in nodes if n["type"] == "Note"]
+    for loader in loaders:
+        files = [v for v in loader["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+        linked = {m["name"]: m for m in loader.get("properties", {}).get("models", [])}
+        for name in files:
+            assert name in note, (path.stem, name)
+            if name in linked:
+                assert linked[name]["url"].startswith("https://huggingface.co/") and \
+                    linked[name]["url"].split("?")[0].endswith("/" + name), linked[name]
+                assert linked[name]["directory"] == LOADER_FOLDERS[loader["type"]], linked[name]
+            else:
+                assert "huggingface" in note.lower() or "Hugging Face" in note, (path.stem, name)
