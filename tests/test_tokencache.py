@@ -20,6 +20,7 @@ from dit_token_cache.accel_core.schedule import StepKind
 from dit_token_cache.accel_core.tokencache import allocate_tokens, chained_reuse_loss, importance_curve, place_i_steps
 from dit_token_cache.nodes.families import tokencache_adapter_for
 from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
+from dit_token_cache.nodes.duca_node import DEFAULT_PRECISION
 from dit_token_cache.nodes.predictor_training import (TrainingSettings, _differentiable_ops, _pairs, _recorded,
                                                       train_predictor)
 from dit_token_cache.nodes.tokencache_nodes import FOLDER, TokenCacheNode, TokenCacheTrainPredictorNode, step_importance
@@ -61,9 +62,12 @@ def _load(model, path):
     return load_predictor(path, first_block=tokencache_adapter_for(model).predictor_parts)
 
 
-def _run(model, predictor="none", cache_ratio=0.75, i_steps=3, protected_last_blocks=1, placement="measured", **kw):
+def _run(model, predictor="none", cache_ratio=0.75, i_steps=3, protected_last_blocks=1, placement="measured",
+         precision="model", **kw):
+    # the cache at the model's precision: runs here compare to float rounding (the node's default, bf16, is
+    # checked in test_deterministic_and_cfg_batched_equals_split)
     (patched,) = TokenCacheNode.execute(model, predictor, cache_ratio, i_steps, protected_last_blocks, 0.0, 1.0,
-                                        placement).result
+                                        placement, cache_precision=precision).result
     out = tiny_models.sample(patched, FAMILY, **{**SAMPLING, **kw})
     return out, patched.model_options["transformer_options"][SETTINGS_KEY].last_run
 
@@ -265,6 +269,16 @@ def test_deterministic_and_cfg_batched_equals_split(flux, trained):
     assert split_run.stats.evaluations == 2 * STEPS
     torch.testing.assert_close(split, first, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(split_fallback, _run(flux)[0], rtol=1e-4, atol=1e-4)
+    # the node's default stores the cache in bf16: run to run exact, batched and split alike to bf16's rounding
+    default_precision, _ = _run(flux, "tiny_flux.safetensors", precision=DEFAULT_PRECISION)
+    assert DEFAULT_PRECISION == "bf16" and torch.equal(default_precision, _run(flux, "tiny_flux.safetensors",
+                                                                                precision=DEFAULT_PRECISION)[0])
+    flux.model.memory_usage_factor = 1e15
+    try:
+        default_split, _ = _run(flux, "tiny_flux.safetensors", precision=DEFAULT_PRECISION)
+    finally:
+        flux.model.memory_usage_factor = usual
+    assert float((default_split - default_precision).norm() / default_precision.norm()) < 1e-3
 
 
 def test_run_state_is_reset_after_an_error(flux, trained):
