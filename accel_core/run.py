@@ -62,7 +62,6 @@ class CacheRun:
         self.conds = conds               # cond rows a step evaluates (cond, uncond, ...): what the budget projects by
         self.block_cached: dict = {}     # block id -> whether its cache fits the budget (decided once, in order)
         self._budget_used = 0.0          # projected bytes of the blocks cached so far and the final state
-        self._last_block_bytes = 0.0     # projected bytes of the last block decided
         self._block_bytes: dict = {}     # block id -> projected bytes, of the blocks cached
         self._final_reserved = 0.0       # what the budget holds for the final state until it is first stored
         self._block = None               # the block between enter_block and leave_block
@@ -154,8 +153,6 @@ class CacheRun:
         if kind is StepKind.AGGRESSIVE:
             self.age_all(block_id, streams)
             return BlockMode.ESTIMATE
-        if self.plan.fill and block_id not in self.block_cached and self._next_block_overflows():
-            self._decide_block(block_id, False)
         if not self.plan.fill or not self.caches_blocks or not self.block_cached.get(block_id, True):
             # no later step reads what this one computes, or nothing of this block is kept:
             # fora's aggressive steps need the final state only; a block over the budget computes in full
@@ -187,7 +184,9 @@ class CacheRun:
         grown to the full forecast history for every cond, still fits the
         budget (with room for the final state); otherwise drop it, and it
         computes in full at every step. Decided from the first cond's entries
-        and the cond count, so batched and split CFG decide alike."""
+        and the cond count, so batched and split CFG decide alike. A block is
+        stored before its size is known: during the first step the cache may
+        hold one block more than the budget, for a moment."""
         first = self.plan.uuids[0]
         per_cond = self.store.block_bytes(first, block_id)
         if per_cond == 0:
@@ -196,21 +195,14 @@ class CacheRun:
             # the final state, about one block output, is always kept: aggressive steps need it
             self._budget_used = self.store.largest_feature_bytes(first, block_id) * self.conds
             self._final_reserved = self._budget_used
-        self._last_block_bytes = per_cond * self.conds
-        fits = self._budget_used + self._last_block_bytes <= self.config.cache_budget_bytes
+        projected = per_cond * self.conds
+        fits = self._budget_used + projected <= self.config.cache_budget_bytes
         if fits:
-            self._budget_used += self._last_block_bytes
-            self._block_bytes[block_id] = self._last_block_bytes
+            self._budget_used += projected
+            self._block_bytes[block_id] = projected
         else:
             self.store.drop_block(block_id)
         self._decide_block(block_id, fits)
-
-    def _next_block_overflows(self) -> bool:
-        """Whether a block the size of the last one decided would overflow the
-        budget: then the next block is not cached, without storing it first
-        (blocks of one model are mostly of one size)."""
-        return bool(self.block_cached) and \
-            self._budget_used + self._last_block_bytes > self.config.cache_budget_bytes
 
     def _decide_block(self, block_id: int, cached: bool) -> None:
         self.block_cached[block_id] = cached

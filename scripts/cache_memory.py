@@ -51,14 +51,11 @@ def _budgeted(blocks, final, first_block_largest, conds, budget_bytes):
     if budget_bytes is None:
         return conds * (sum(blocks) + final), len(blocks)
     used = first_block_largest * conds      # reserved for the final state until it is stored
-    reserved, last, kept = used, 0, []
+    reserved, kept = used, []
     for size in blocks:
-        if last and used + last > budget_bytes:
-            continue                         # a block the size of the last would overflow: not cached
-        last = size * conds
-        if used + last <= budget_bytes:
-            used += last
-            kept.append(last)
+        if used + size * conds <= budget_bytes:
+            used += size * conds
+            kept.append(size * conds)
     used += final * conds - reserved
     while used > budget_bytes and kept:
         used -= kept.pop()
