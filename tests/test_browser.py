@@ -9,12 +9,18 @@ start, is a failure with the reason, never a skip.
 * every workflow in workflows/ loads the way a dropped or opened file does (app.handleFile):
   each node type is registered, the frontend reports no missing node (the error overlay,
   any dialog) and keeps every widget value;
+* a real-model workflow opened while its model files are missing makes the frontend list
+  them in its Errors panel with a Download button each, for the URL and folder its loaders'
+  download metadata (node properties.models) give;
 * hovering each widget of the DuCa Cache node shows the tooltip /object_info gives;
 * the reference workflow queued with the Run button finishes, and the summary the node
   sends with PromptServer.send_progress_text shows on the node in the page.
 
 The server's models folders hold empty files named as the workflows' loaders name them, and
 its input folder the images they load, so a load that warns about anything is a failure.
+
+DTC_SCREENSHOT=docs/node_in_graph.png also saves the graph after the run as a PNG (the README's
+picture): `DTC_SCREENSHOT=docs/node_in_graph.png python -m pytest tests/test_browser.py -k run_button`.
 """
 import json
 import os
@@ -44,6 +50,9 @@ SETTINGS = {"Comfy.TutorialCompleted": True, "LiteGraph.Node.TooltipDelay": 100}
 UI_TIMEOUT_MS = 60_000
 CONSOLE_ERRORS: list[str] = []   # the page's, for failure messages
 RUN_TIMEOUT_S = 90
+# Real-model workflows whose every model file has download metadata on its loader.
+DOWNLOADABLE = [REPO / "workflows" / name for name in ("flux_dev_t2i_duca.json", "wan21_t2v_duca.json")]
+DOWNLOAD_HOSTS = re.compile(r"^https?://(huggingface\.co|civitai\.com)/")   # the hosts of their download URLs
 SUMMARY = re.compile(r"DuCa\[(\w+)\] (\d+\.\d+)x work \((\d+) steps: (\d+) full, (\d+) aggressive, (\d+) conservative\)")
 
 # Loads a workflow file as dropping it on the page or opening it does, then reports what the
@@ -91,6 +100,38 @@ WIDGET_POINTS_JS = """() => {
         points[widget.name] = {point, onCanvas: hit === canvas.canvas};
     }
     return points;
+}"""
+
+# The rows of the Missing Models card in the Errors tab of the right side panel (frontend
+# 1.47: MissingModelCard / MissingModelRow): the file name (its label's title), the line under it
+# ("folder" or "folder · size"), the row's text, whether it offers a download.
+MISSING_MODEL_ROWS_JS = """() => [...document.querySelectorAll('[data-testid=missing-model-importable-rows] > div')]
+    .filter(row => row.checkVisibility()).map(row => ({
+        name: row.querySelector('[title]')?.title ?? null,
+        detail: row.querySelector('span.block')?.innerText ?? null,
+        lines: row.innerText.split('\\n').map(line => line.trim()).filter(Boolean),
+        download: row.querySelector('[data-testid=missing-model-download]') !== null,
+    }))"""
+
+# Fits the whole graph, at scale 1 at most, into a page rectangle `width` wide and at most
+# `height` high whose top left corner is at (left, top), with `margin` around it; returns the
+# scale and the rectangle the graph takes, margins included.
+FIT_GRAPH_JS = """([left, top, width, height, margin]) => {
+    const canvas = app.canvas;
+    let [x0, y0, x1, y1] = [Infinity, Infinity, -Infinity, -Infinity];
+    for (const node of app.rootGraph.nodes) {
+        const [x, y, w, h] = node.boundingRect;
+        [x0, y0, x1, y1] = [Math.min(x0, x), Math.min(y0, y), Math.max(x1, x + w), Math.max(y1, y + h)];
+    }
+    y0 -= 20;   // the badges over the titles
+    const rect = canvas.canvas.getBoundingClientRect();
+    const unit = canvas.canvas.width / rect.width / devicePixelRatio;   // canvas units per page pixel
+    const scale = Math.min(1, (width - 2 * margin) / (x1 - x0), (height - 2 * margin) / (y1 - y0));
+    canvas.ds.scale = scale;
+    canvas.ds.offset = [(left - rect.left + margin) * unit / scale - x0, (top - rect.top + margin) * unit / scale - y0];
+    canvas.setDirty(true, true);
+    canvas.draw(true, true);
+    return {scale, clip: [left, top, width, Math.ceil((y1 - y0) * scale + 2 * margin)]};
 }"""
 
 PROGRESS_TEXT_JS = """() => {
@@ -249,6 +290,86 @@ def test_an_unknown_node_type_is_caught(page):
     assert _load_problems(REFERENCE, _load(page, REFERENCE)) == []   # and a good file clears it
 
 
+def _loaded_models(path: Path) -> dict[str, tuple[str, dict | None]]:
+    """File name -> (the models folder its loader looks in, its entry in the loader's properties.models or None)."""
+    models = {}
+    for node in json.loads(path.read_text())["nodes"]:
+        folder = LOADER_FOLDERS.get(node["type"])
+        if folder is None:
+            continue
+        metadata = {entry.get("name"): entry for entry in (node.get("properties") or {}).get("models") or []}
+        for value in node.get("widgets_values") or []:
+            if wt.is_model_file(value):
+                models[value] = (folder, metadata.get(value))
+    return models
+
+
+@pytest.mark.parametrize("path", DOWNLOADABLE, ids=lambda p: p.stem)
+def test_missing_models_are_offered_for_download(path, page, ui_server):
+    """Opened while none of its model files is in the models folders, the workflow makes the frontend
+    list each one in its Errors panel, under the folder its loader reads, with a Download button that
+    opens the URL the loader's download metadata gives (ComfyUI's missing-model pipeline, which reads
+    node properties.models; the stand-in files are moved away for the test and put back after)."""
+    from playwright.sync_api import expect
+
+    expected = _loaded_models(path)
+    assert expected, f"{path.name} loads no model file"
+    stand_ins = [ui_server.models_dir / folder / name for name, (folder, _) in expected.items()]
+    hidden = ui_server.models_dir.parent / "hidden_models"
+    hidden.mkdir(exist_ok=True)
+    context = page.context
+    requested = []   # what the page asked of the download hosts: (method, url)
+
+    def download_host(route):
+        requested.append((route.request.method, route.request.url))
+        route.fulfill(status=200, body="")   # offline: the files' size (HEAD) and the download's page
+
+    context.route(DOWNLOAD_HOSTS, download_host)
+    try:
+        for file in stand_ins:
+            file.rename(hidden / file.name)
+        page.evaluate("() => app.reloadNodeDefs()")   # as Refresh Node Definitions does: the combos lose the files
+        _load(page, path)
+        expect(page.get_by_test_id("error-overlay"), "the error overlay").to_be_visible(timeout=10_000)
+        page.get_by_test_id("error-overlay-see-errors").click()   # "View details": the Errors tab
+        page.wait_for_function(f"({MISSING_MODEL_ROWS_JS})().length >= {len(expected)}", timeout=10_000)
+        rows = page.evaluate(MISSING_MODEL_ROWS_JS)
+        shown = {}
+        for row in rows:
+            url = None
+            if row["download"]:
+                with context.expect_page(timeout=10_000) as opened:
+                    page.get_by_role("button", name=f"Download {row['name']}", exact=True).click()
+                tab = opened.value
+                tab.wait_for_load_state("domcontentloaded")
+                url = tab.url
+                tab.close()
+            shown[row["name"]] = ((row["detail"] or "").split(" · ")[0] or None, url)
+        want = {name: (folder, (entry or {}).get("url")) for name, (folder, entry) in expected.items()}
+        problems = [f"{name}: (folder, download URL) {shown.get(name)} in the panel, {want[name]} in the workflow"
+                    for name in want if shown.get(name) != want[name]]
+        problems += [f"{name}: listed as missing, but the workflow does not load it" for name in set(shown) - set(want)]
+        problems += [f"{name}: no download URL for it in the properties.models of its {folder} loader"
+                     for name, (folder, entry) in expected.items() if not (entry or {}).get("url")]
+        problems += [f"{name}: properties.models gives folder {entry['directory']!r}, its loader reads {folder!r}"
+                     for name, (folder, entry) in expected.items() if entry and entry.get("directory") != folder]
+        assert not problems, f"{path.name}, its missing models in the page:\n  " + "\n  ".join(problems) + (
+            f"\nrows: {rows}")
+        downloads = {url for method, url in requested if method == "GET"}
+        assert downloads == {url for _, url in want.values()}, f"downloads requested: {downloads}"
+    finally:
+        for file in stand_ins:
+            if (hidden / file.name).exists():
+                (hidden / file.name).rename(file)
+        context.unroute(DOWNLOAD_HOSTS, download_host)
+        page.evaluate("""async () => {
+            const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+            stores.get('rightSidePanel')?.closePanel();
+            await app.reloadNodeDefs();
+        }""")
+    assert _load_problems(REFERENCE, _load(page, REFERENCE)) == []   # files back: a good file clears it
+
+
 def test_duca_widgets_show_their_tooltips(page, object_info):
     from playwright.sync_api import expect
 
@@ -293,3 +414,23 @@ def test_reference_workflow_runs_from_the_run_button(page, ui_server):
     mode, _, shown_steps, *_ = match.groups()
     assert (mode, int(shown_steps)) == ("duca", steps), text
     expect(page.get_by_text(text, exact=True)).to_be_visible()
+    if os.environ.get("DTC_SCREENSHOT"):   # the README's picture: DTC_SCREENSHOT=docs/node_in_graph.png
+        _save_graph_screenshot(page, Path(os.environ["DTC_SCREENSHOT"]))
+
+
+def _save_graph_screenshot(page, path: Path, area=(100, 120, 1400, 800)):
+    """The graph as it is in the page, fitted into `area` (left, top, width, height: away from the
+    side bar, the tabs, the Run bar and the zoom buttons) and cropped to it, saved as a PNG at `path`."""
+    page.evaluate("""async () => {
+        await app.extensionManager.setting.set('Comfy.Minimap.Visible', false);
+        const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+        stores.get('rightSidePanel')?.closePanel();
+    }""")
+    page.mouse.move(5, 5)   # no hover, no tooltip
+    fitted = page.evaluate(FIT_GRAPH_JS, [*area, 24])
+    page.wait_for_timeout(500)   # the DOM widgets and the output image follow the canvas
+    page.evaluate("() => app.canvas.draw(true, true)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), clip=dict(zip(("x", "y", "width", "height"), fitted["clip"])))
+    print(f"graph at scale {fitted['scale']:.2f}, {fitted['clip'][2]}x{fitted['clip'][3]}, saved to {path}"
+          f" ({path.stat().st_size // 1024} KB)")
