@@ -37,6 +37,7 @@ class TokenCacheSettings:
         self.last_run = None   # the latest finished run, for its statistics
         self.active_run = None  # the run under way, for patches that get no transformer_options
         self.installed = None   # InstalledPatches: what this cache added to its clone, so a later node can undo it
+        self.measured_peaks = {}  # (latent shape, conds) -> cache bytes its last run took: reserved in the next
 
     def new_run(self, model_sampling, sample_sigmas, conds: int = 1) -> CacheRun:
         start_sigma = float(model_sampling.percent_to_sigma(self.config.start_percent))
@@ -82,12 +83,17 @@ def conds_per_step(guider) -> int:
     return max(1, sum(len(entries) for name, entries in conds.items() if not (name == "negative" and skip_negative)))
 
 
-def reserved_for_cache(config: CacheConfig) -> int:
-    """GPU memory ComfyUI keeps free for the cache while it loads models: the
-    budget, where one is set and the cache lives with the model."""
-    if config.cache_device != "model_device" or config.cache_budget_gb <= 0:
+def reserved_for_cache(settings: "TokenCacheSettings", size_key) -> int:
+    """GPU memory ComfyUI keeps free for the cache while it loads models, where
+    the cache lives with the model: the budget if one is set, else what the
+    cache took in the last run of this latent size and cond count (nothing
+    before the first such run)."""
+    config = settings.config
+    if config.cache_device != "model_device":
         return 0
-    return int(config.cache_budget_bytes)
+    if config.cache_budget_gb > 0:
+        return int(config.cache_budget_bytes)
+    return settings.measured_peaks.get(size_key, 0)
 
 
 def refuse_multigpu_copies(model_patcher, name: str) -> None:
@@ -111,11 +117,13 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     transformer_options = guider.model_options["transformer_options"]
     settings: TokenCacheSettings = transformer_options[SETTINGS_KEY]
     sigmas = args[3]
-    run = settings.new_run(guider.model_patcher.model.model_sampling, sigmas, conds_per_step(guider))
+    conds = conds_per_step(guider)
+    size_key = (tuple(args[0].shape), conds)
+    run = settings.new_run(guider.model_patcher.model.model_sampling, sigmas, conds)
     transformer_options[RUN_KEY] = run
     settings.active_run = run
     # ComfyUI's own reservation: model loading (inside this call) leaves the cache room
-    reserved = reserved_for_cache(settings.config)
+    reserved = reserved_for_cache(settings, size_key)
     comfy.model_management.EXTRA_RESERVED_VRAM += reserved
     try:
         return executor(*args, **kwargs)
@@ -126,6 +134,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         show_on_node(settings.node_id, run.stats.headline(settings.name))
         run.close()
         settings.last_run = run
+        settings.measured_peaks[size_key] = run.stats.peak_cache_bytes
         guider.model_options = original_options
 
 

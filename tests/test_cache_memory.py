@@ -163,7 +163,7 @@ def test_fora_keeps_only_the_final_state(family_model):
     assert run.stats.counts()["aggressive"] > 0 and torch.isfinite(out).all()
 
 
-def test_model_loading_keeps_the_budget_free_while_sampling(tiny_model):
+def test_model_loading_keeps_room_for_the_cache_while_sampling(tiny_model):
     family = "flux_schnell"
     model = tiny_model(family)
     usual = comfy.model_management.extra_reserved_memory()
@@ -177,9 +177,21 @@ def test_model_loading_keeps_the_budget_free_while_sampling(tiny_model):
     _sample(family, patched)
     assert seen and set(seen) == {usual + int(1.5 * 2**30)}
     assert comfy.model_management.extra_reserved_memory() == usual
-    # on CPU memory, or without a budget, nothing is reserved on the model's device
+    # on CPU memory nothing is reserved on the model's device
     seen.clear()
     offloaded = apply_token_cache(model, CacheConfig(cycle_length=3, cache_budget_gb=1.5, cache_device="cpu"))
     offloaded.set_model_unet_function_wrapper(watch)
     _sample(family, offloaded)
     assert set(seen) == {usual}
+    # without a budget: what the cache took in the last run of this size, nothing before the first
+    unbounded = apply_token_cache(model, CacheConfig(cycle_length=3))
+    unbounded.set_model_unet_function_wrapper(watch)
+    for expected in (0, None):
+        seen.clear()
+        _sample(family, unbounded)
+        peak = unbounded.model_options["transformer_options"][SETTINGS_KEY].last_run.stats.peak_cache_bytes
+        assert peak > 0 and set(seen) == {usual + (peak if expected is None else expected)}
+    seen.clear()
+    _sample(family, unbounded, width=32, height=32)   # another size: not measured yet
+    assert set(seen) == {usual}
+    assert comfy.model_management.extra_reserved_memory() == usual
