@@ -118,17 +118,17 @@ class CacheStore:
     def block_bytes(self, uuid: Hashable, block: Hashable) -> int:
         """What block `block` will hold for one cond once every feature's
         history is full (depth terms), from what it holds now."""
-        total = 0
-        for key, entry in self._entries.get(uuid, {}).items():
-            if key[0] == block:
-                total += entry.nbytes // len(entry.terms) * self.depth if isinstance(entry, FeatureHistory) \
-                    else _size(entry)
-        return total
+        return sum(self._full_size(entry) for key, entry in self._entries.get(uuid, {}).items() if key[0] == block)
 
     def largest_feature_bytes(self, uuid: Hashable, block: Hashable) -> int:
         """The largest feature of block `block` for one cond, with a full history."""
-        return max((entry.nbytes // len(entry.terms) * self.depth for key, entry in self._entries.get(uuid, {}).items()
+        return max((self._full_size(entry) for key, entry in self._entries.get(uuid, {}).items()
                     if key[0] == block and isinstance(entry, FeatureHistory)), default=0)
+
+    def _full_size(self, entry) -> int:
+        """An entry's bytes once a feature's history holds all `depth` terms
+        (they are of one size); a plain entry's as it is."""
+        return entry.nbytes // len(entry.terms) * self.depth if isinstance(entry, FeatureHistory) else _size(entry)
 
     def drop_block(self, block: Hashable) -> None:
         """Forget every entry of block `block`, for every cond."""

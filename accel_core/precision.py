@@ -72,25 +72,35 @@ def _fits_fp8(value: torch.Tensor, dim: int) -> bool:
     return value.is_floating_point() and value.dim() >= 3 and dim < value.dim() - 1
 
 
+def _storage(value: torch.Tensor, precision: str, dim: int) -> str:
+    """How `value` is stored at `precision`: "fp8" (with a scale per token),
+    "bf16", or "as computed" (already that narrow, or not a float)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"cache_precision={precision!r}: accepted {', '.join(PRECISIONS)}")
+    if precision == "fp8" and _fits_fp8(value, dim):
+        return "fp8"
+    if precision in ("bf16", "fp8") and value.is_floating_point() and value.element_size() > 2:
+        return "bf16"
+    return "as computed"
+
+
 def packed_bytes(value: torch.Tensor, precision: str, dim: int = 1) -> int:
     """What pack(value, precision) would store, without storing it."""
-    if precision == "fp8" and _fits_fp8(value, dim):
+    storage = _storage(value, precision, dim)
+    if storage == "fp8":
         return value.numel() + value.numel() // value.shape[-1] * 4
-    if precision in ("bf16", "fp8") and value.is_floating_point():
-        return value.numel() * min(2, value.element_size())
-    return value.numel() * value.element_size()
+    return value.numel() * (2 if storage == "bf16" else value.element_size())
 
 
 def pack(value: torch.Tensor, precision: str, device: Optional[torch.device] = None, dim: int = 1) -> Packed:
     """A stored copy of `value` (on `device`, or where it is); `dim` is its token dimension."""
     device = value.device if device is None else device
-    if precision == "fp8" and _fits_fp8(value, dim):
+    storage = _storage(value, precision, dim)
+    if storage == "fp8":
         data, scale = _fp8(value)
         return Packed(store_on(data, device), value.dtype, store_on(scale, device))
-    if precision in ("bf16", "fp8") and value.is_floating_point() and value.element_size() > 2:
+    if storage == "bf16":
         return Packed(store_on(value.to(torch.bfloat16), device), value.dtype)
-    if precision not in PRECISIONS:
-        raise ValueError(f"cache_precision={precision!r}: accepted {', '.join(PRECISIONS)}")
     # a copy: ComfyUI's blocks update their inputs in place
     return Packed(store_on(value, device), value.dtype)
 

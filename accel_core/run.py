@@ -169,7 +169,7 @@ class CacheRun:
         """The block's work at this evaluation, against an uncached run's."""
         self.stats.record_block(uncached_flops, computed_flops, tokens, computed_tokens)
         if self._block is not None and self._block not in self.block_cached \
-                and self.config.cache_budget_bytes < float("inf") and self.plan.fill:
+                and self.config.cache_budget_gb > 0 and self.plan.fill:
             self._fit_budget(self._block)
         self._block = None
 
@@ -281,7 +281,7 @@ class CacheRun:
     def put_final(self, *parts: Optional[torch.Tensor]) -> None:
         """The last block's output (its tensors, in order; None where it has none)."""
         self._final_parts = tuple(j for j, part in enumerate(parts) if part is not None)
-        if self._final_reserved is not None and self.config.cache_budget_bytes < float("inf"):
+        if self._final_reserved is not None and self.config.cache_budget_gb > 0:
             self._make_room_for_final(parts)
         for j in self._final_parts:
             self.store.put_feature(self.plan.uuids, (FINAL, j), parts[j], self.time, self.plan.kind is StepKind.FULL,

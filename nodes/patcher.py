@@ -111,11 +111,11 @@ def refuse_multigpu_copies(model_patcher, name: str) -> None:
 
 def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
-    refuse_multigpu_copies(guider.model_patcher, guider.model_options["transformer_options"][SETTINGS_KEY].name)
+    settings: TokenCacheSettings = guider.model_options["transformer_options"][SETTINGS_KEY]
+    refuse_multigpu_copies(guider.model_patcher, settings.name)
     original_options = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     transformer_options = guider.model_options["transformer_options"]
-    settings: TokenCacheSettings = transformer_options[SETTINGS_KEY]
     sigmas = args[3]
     conds = conds_per_step(guider)
     size_key = (tuple(args[0].shape), conds)

@@ -46,8 +46,7 @@ def predictor_filename_problem(filename) -> Optional[str]:
     if not isinstance(filename, str):
         return f"filename {filename!r} is not text; {accepted}"
     name = filename.strip()
-    if not name or name.startswith(".") or any(sep in name for sep in ("/", "\\")) \
-            or name != os.path.basename(name):
+    if not name or name.startswith(".") or any(sep in name for sep in ("/", "\\")):
         return f"filename {filename!r}: {accepted}"
     if any(ord(c) < 32 for c in name):
         return f"filename {filename!r} holds control characters; {accepted}"
