@@ -53,6 +53,7 @@ class Method:
     family: str                 # Pareto front it belongs to
     build: object               # model -> patched model
     steps: int
+    sampler: str = "euler"
 
 
 def ours(config):
@@ -127,6 +128,8 @@ def methods_for(args) -> list:
     found.append(Method("LazyCache t=0.3", "LazyCache", lambda m: LazyCacheNode.execute(m, 0.3, 0.15, 0.95, False).result[0], steps))
     for divisor in (2, 3, 4):
         found.append(Method(f"{steps // divisor} steps", "fewer steps", plain, steps // divisor))
+        found.append(Method(f"{steps // divisor} dpmpp_2m steps", "fewer steps dpmpp_2m", plain, steps // divisor,
+                            "dpmpp_2m"))
     if args.only:
         found = [m for m in found if m.name == "uncached" or re.match(args.only, m.name)]
     return found
@@ -312,14 +315,14 @@ def main():
     for method in methods:
         patched = method.build(model)
         skips.skipped = None
-        images = generate(patched, labels, args.seed, method.steps, args.cfg, args.batch)
+        images = generate(patched, labels, args.seed, method.steps, args.cfg, args.batch, method.sampler)
         outputs[method.name] = images
         row = {"method": method.name, "family": method.family, "steps": method.steps,
                **run_stats(patched, method, skips, args.steps)}
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            generate(patched, timing_labels, args.seed, method.steps, args.cfg, args.timing_batch)
+            generate(patched, timing_labels, args.seed, method.steps, args.cfg, args.timing_batch, method.sampler)
             times.append(time.perf_counter() - start)
         row["seconds"] = statistics.median(times)
         predicted = classifier.predict(images)
