@@ -16,6 +16,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from .lora import TENSOR_PREFIX as LORA_PREFIX, BlockLoRA, LoRASpec
 from .tokencache import CachePredictor, FirstBlockPredictor
 
 FORMAT = "tokencache-predictor"
@@ -30,9 +31,11 @@ class PredictorFileError(ValueError):
     """A predictor file that cannot be used: unreadable, not a predictor, or made for another model."""
 
 
-def save_predictor(path: str, predictor, metadata: dict) -> None:
+def save_predictor(path: str, predictor, metadata: dict, lora: Optional[BlockLoRA] = None) -> None:
     """Write weights and metadata atomically: a temp file in the same folder,
-    then os.replace, so an interrupted save never leaves a half file at `path`."""
+    then os.replace, so an interrupted save never leaves a half file at `path`.
+    `lora`: the refinement adapters of the last blocks, stored beside the
+    predictor (tensors lora.*, metadata "lora" says rank and layers)."""
     missing = [key for key in METADATA_KEYS if key not in metadata]
     if missing:
         raise ValueError(f"save_predictor: metadata lacks {', '.join(missing)}; "
@@ -43,6 +46,8 @@ def save_predictor(path: str, predictor, metadata: dict) -> None:
             raise ValueError(f"save_predictor: metadata {key}={metadata[key]!r} but the predictor has "
                              f"{config_key}={config[config_key]!r}")
     fields = {**metadata, "format": FORMAT, "format_version": FORMAT_VERSION, "predictor": config}
+    if lora is not None:
+        fields["lora"] = lora.spec.to_metadata()
     encoded = {}
     for key, value in fields.items():
         try:
@@ -50,6 +55,8 @@ def save_predictor(path: str, predictor, metadata: dict) -> None:
         except (TypeError, ValueError) as error:
             raise ValueError(f"save_predictor: metadata {key!r} is not JSON-serialisable ({error})") from None
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in predictor.state_dict().items()}
+    if lora is not None:
+        tensors.update(lora.tensors())
     data = safetensors.torch.save(tensors, metadata=encoded)
     folder = os.path.dirname(os.path.abspath(path))
     fd, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
@@ -202,6 +209,7 @@ def load_predictor(path: str, expect: Optional[dict] = None,
     architecture = config.get("architecture", CachePredictor.architecture)
     try:
         tensors = safetensors.torch.load_file(path, device="cpu")
+        tensors = {key: value for key, value in tensors.items() if not key.startswith(LORA_PREFIX)}
         broken = [key for key, tensor in tensors.items()
                   if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
         if broken:
@@ -232,3 +240,30 @@ def load_predictor(path: str, expect: Optional[dict] = None,
         raise PredictorFileError(f"{name}: its weights do not fit the predictor it describes ({config!r}): "
                                  f"{error}") from None
     return predictor.eval(), metadata
+
+
+def load_lora(path: str, layer_shapes: Callable[[], dict], blocks: int) -> Optional[BlockLoRA]:
+    """The refinement adapters of a predictor file, or None where it has none.
+    `layer_shapes()` -> {layer path: (in, out)} of the model's linear layers
+    (accel_core.lora.linear_layers); adapters for layers the model lacks, or
+    of another shape, or for blocks beyond `blocks`, are refused naming them."""
+    name = os.path.basename(path)
+    metadata = _decode_metadata(name, _read_header(path))
+    if metadata.get("lora") is None:
+        return None
+    try:
+        spec = LoRASpec.from_metadata(metadata["lora"])
+        outside = [b for b in spec.blocks if not 0 <= b < blocks]
+        if outside:
+            raise ValueError(f"adapters for blocks {outside} of a model with {blocks} blocks")
+        lora = BlockLoRA(spec, layer_shapes())
+        with safetensors.safe_open(path, framework="pt", device="cpu") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(LORA_PREFIX)}
+        broken = [key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+        if broken:
+            raise ValueError(f"adapter weights {', '.join(broken[:3])} hold NaN or infinite values")
+        lora.load_tensors(tensors)
+    except (ValueError, TypeError, RuntimeError, safetensors.SafetensorError) as error:
+        raise PredictorFileError(f"{name}: its LoRA adapters do not fit this model: {error}; use the predictor "
+                                 "with the model it was trained on, or retrain it") from None
+    return lora.eval().requires_grad_(False)

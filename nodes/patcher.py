@@ -15,7 +15,9 @@ import comfy.model_patcher
 import comfy.patcher_extension
 
 from ..accel_core.config import CacheConfig
+from ..accel_core.lora import adapted_forward
 from ..accel_core.run import CacheRun
+from ..accel_core.schedule import StepKind
 from ..accel_core.tokencache import TokenPlanner, importance_curve
 from .families import adapter_for, tokencache_adapter_for
 
@@ -187,6 +189,23 @@ class PatchHooks:
     def current_run(self):
         return self._settings.active_run
 
+    def caching_step(self) -> bool:
+        """Whether the step under way is one where caching is active (a P-step / conservative step)."""
+        run = self._settings.active_run
+        return run is not None and run.plan is not None and run.plan.kind is StepKind.CONSERVATIVE
+
+
+def install_lora(model_patcher, lora, hooks: PatchHooks) -> None:
+    """TokenCache's refinement adapters as object patches of their linear
+    layers' forwards on the clone: the layers keep their own forward (and the
+    weight patches of the user's LoRAs); the adapter adds its output at the
+    steps where caching is active."""
+    for layer in lora.spec.layers:
+        name = f"diffusion_model.{layer}.forward"
+        forward = model_patcher.get_model_object(name)
+        model_patcher.add_object_patch(name, functools.partial(adapted_forward, forward, lora.adapter(layer),
+                                                               hooks.caching_step))
+
 
 @dataclass
 class InstalledPatches:
@@ -235,11 +254,12 @@ def _uninstall(model_patcher, earlier: TokenCacheSettings) -> None:
 
 
 def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=None, predictor=None, calibration=None,
-                      fallback="change"):
+                      fallback="change", lora=None):
     """A patched clone of `model`; the input model is left as it was. TokenCache
     (config.mode "tokencache") takes an optional learned predictor and its
     calibration; without one, tokens are scored by their change ("change") or
-    at random ("random", a baseline for comparisons). A model that already
+    at random ("random", a baseline for comparisons); `lora` (BlockLoRA) the
+    refinement adapters of its protected last blocks. A model that already
     carries a token cache gets this one instead: the last node wins."""
     adapter = tokencache_adapter_for(model) if config.mode == "tokencache" else adapter_for(model)
     planner_args = None
@@ -257,8 +277,20 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
         show_on_node(node_id, message)
     settings = TokenCacheSettings(config, name, node_id, planner_args, calibration)
     patched.model_options["transformer_options"][SETTINGS_KEY] = settings
+    if lora is not None:
+        unprotected = [b for b in lora.spec.blocks if b < adapter.block_count - config.protected_last_blocks]
+        if unprotected:
+            raise ValueError(f"{name}: the predictor's LoRA adapters refine blocks {list(lora.spec.blocks)}, which "
+                             f"must compute in full; protected_last_blocks={config.protected_last_blocks} leaves "
+                             f"{unprotected} cached: use protected_last_blocks >= "
+                             f"{adapter.block_count - min(lora.spec.blocks)}")
     if config.caches_something:
-        settings.installed = _installing(patched, lambda: adapter.install(patched, PatchHooks(patched, settings)))
+        def install():
+            hooks = PatchHooks(patched, settings)
+            adapter.install(patched, hooks)
+            if lora is not None:
+                install_lora(patched, lora, hooks)
+        settings.installed = _installing(patched, install)
     else:
         # cycle_length 1: every step computes in full, so the blocks stay the model's own (and compiled
         # models stay bit-identical); the run still reports its steps

@@ -32,6 +32,7 @@ import comfy.utils
 from ..accel_core.tokencache import (CachePredictor, FirstBlockPredictor, PlanningInput, chained_reuse_loss,
                                      map_block_args, soft_reuse_loss)
 from .families import tokencache_adapter_for
+from .lora_training import train_lora
 from .patcher import transformer_options_of
 
 TOKEN_LAYOUT = "cat(txt, img): the tokens entering the first double-stream block"
@@ -54,11 +55,22 @@ class TrainingSettings:
     objective: str = "chained"
     max_tokens: int = 1024     # first_order: tokens whose block deltas are recorded per trajectory
     width: int = 64            # mlp_mixer width
+    lora_rank: int = 0         # LoRA refinement of the protected last blocks (0: none)
+    # the TokenCache setting the LoRA is trained under: the TokenCache node's values
+    cache_ratio: float = 0.9
+    i_steps: int = 4
+    protected_last_blocks: int = 4
+
+    @property
+    def lora_iterations(self) -> int:
+        return self.iterations
 
     def check(self):
         for name, accepted in (("architecture", ARCHITECTURES), ("objective", OBJECTIVES)):
             if getattr(self, name) not in accepted:
                 raise ValueError(f"TokenCache training: {name}={getattr(self, name)!r}; accepted: {', '.join(accepted)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"TokenCache training: lora_rank={self.lora_rank!r}; accepted 0 (no LoRA) or more")
 
 
 @dataclass
@@ -314,6 +326,49 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
                  f"iterations on {trajectory} trajectories, loss {metadata['training']['first_loss']:.4f} -> "
                  f"{metadata['training']['final_loss']:.4f}")
     return predictor.cpu(), metadata
+
+
+def train_with_refinement(model, positive, negative, latent: dict, settings: TrainingSettings, progress=None):
+    """train_predictor, then (settings.lora_rank > 0) the LoRA refinement of
+    the last settings.protected_last_blocks blocks under TokenCache with that
+    predictor. Returns (predictor, metadata, BlockLoRA or None); progress
+    counts both phases."""
+    settings.check()
+    adapter = tokencache_adapter_for(model)
+    phases = 2 if settings.lora_rank else 1
+    if settings.lora_rank and not 1 <= settings.protected_last_blocks < adapter.block_count:
+        raise ValueError(f"TokenCache LoRA refinement: protected_last_blocks={settings.protected_last_blocks}; the "
+                         f"adapters go on the last blocks, and earlier ones must cache: use 1 to "
+                         f"{adapter.block_count - 1} for this model, or lora_rank 0")
+
+    def phase(offset):
+        if progress is None:
+            return None
+        return lambda done, total, loss: progress(offset + done, phases * total, loss)
+    predictor, metadata = train_predictor(model, positive, negative, latent, settings, phase(0))
+    if not settings.lora_rank:
+        return predictor, metadata, None
+    return predictor, metadata, refine(model, predictor, metadata, positive, negative, latent, settings,
+                                       phase(settings.iterations))
+
+
+def refine(model, predictor, metadata: dict, positive, negative, latent: dict, settings: TrainingSettings,
+           progress=None):
+    """The LoRA refinement for a trained predictor (its file's metadata: the
+    I-steps follow its measured calibration); the training summary goes into
+    metadata["training"]["lora"]. Returns the BlockLoRA."""
+    adapter = tokencache_adapter_for(model)
+    calibration = metadata["calibration"]
+    curve = calibration.get("measured", calibration.get("importance"))
+    with torch.inference_mode(False), torch.enable_grad():
+        lora, summary = train_lora(model, adapter, predictor.to(model.load_device),
+                                   {"sigmas": calibration["sigmas"], "importance": curve},
+                                   positive, negative, latent, settings, progress, differentiable=_differentiable_ops)
+    predictor.cpu()
+    metadata["training"]["lora"] = {**summary, "rank": settings.lora_rank, "cache_ratio": settings.cache_ratio,
+                                    "i_steps": settings.i_steps, "protected_last_blocks": settings.protected_last_blocks,
+                                    "iterations": settings.lora_iterations, "learning_rate": settings.learning_rate}
+    return lora
 
 
 def predictor_expectations(adapter) -> dict:

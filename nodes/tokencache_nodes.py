@@ -13,16 +13,19 @@ import comfy.utils
 from ..accel_core.config import CacheConfig
 from ..accel_core.forecast import FORECASTS
 from .duca_node import DEFAULT_PRECISION, FORECAST_TOOLTIP, memory_inputs
-from ..accel_core.predictor_file import PredictorFileError, load_predictor, save_predictor
+from ..accel_core.lora import linear_layers
+from ..accel_core.predictor_file import PredictorFileError, load_lora, load_predictor, save_predictor
 from ..reference.model import PREDICTOR_DIR
 from .patcher import apply_token_cache, show_on_node
 from .families import tokencache_adapter_for
-from .predictor_training import ARCHITECTURES, OBJECTIVES, TrainingSettings, predictor_expectations, train_predictor
+from .predictor_training import (ARCHITECTURES, OBJECTIVES, TrainingSettings, predictor_expectations,
+                                 train_with_refinement)
 
 CATEGORY = "sampling/token_cache"
 FOLDER = "token_cache"
 NO_PREDICTOR = "none"
 PLACEMENTS = ("measured", "predicted", "even")
+DEFAULT_LORA_RANK = 0   # set by the measurement in BENCHMARKS.md
 MAX_NAME_BYTES = 255   # NAME_MAX of common file systems (ext4, NTFS, APFS)
 # reuse: I-steps lie far apart, and a trend carried from them was measured worse (BENCHMARKS.md)
 TOKENCACHE_FORECAST = "reuse"
@@ -62,7 +65,7 @@ def predictor_files() -> list:
 
 
 def load_for_model(model, name: str):
-    """(predictor, calibration) from models/token_cache/<name>, checked against `model`."""
+    """(predictor, calibration, LoRA adapters or None) from models/token_cache/<name>, checked against `model`."""
     adapter = tokencache_adapter_for(model)
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
@@ -71,9 +74,10 @@ def load_for_model(model, name: str):
     try:
         predictor, metadata = load_predictor(path, expect=predictor_expectations(adapter),
                                              first_block=adapter.predictor_parts)
+        lora = load_lora(path, lambda: linear_layers(adapter.block_paths()), adapter.block_count)
     except PredictorFileError as error:
         raise ValueError(f"TokenCache predictor {name!r} cannot drive this model: {error}") from None
-    return predictor, metadata.get("calibration")
+    return predictor, metadata.get("calibration"), lora
 
 
 def step_importance(calibration, placement: str):
@@ -140,12 +144,12 @@ class TokenCacheNode(io.ComfyNode):
                              protected_last_blocks=protected_last_blocks, start_percent=start_percent,
                              end_percent=end_percent, forecast=forecast, cache_precision=cache_precision,
                              cache_budget_gb=cache_budget_gb)
-        learned, calibration = (None, None) if predictor == NO_PREDICTOR else load_for_model(model, predictor)
+        learned, calibration, lora = (None, None, None) if predictor == NO_PREDICTOR else load_for_model(model, predictor)
         calibration = step_importance(calibration, i_step_placement)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        name = "TokenCache[learned]" if learned is not None else "TokenCache[fallback]"
+        name = "TokenCache[fallback]" if learned is None else "TokenCache[learned+LoRA]" if lora else "TokenCache[learned]"
         return io.NodeOutput(apply_token_cache(model, config, name=name, node_id=node_id, predictor=learned,
-                                               calibration=calibration))
+                                               calibration=calibration, lora=lora))
 
 
 class TokenCacheTrainPredictorNode(io.ComfyNode):
@@ -185,6 +189,16 @@ class TokenCacheTrainPredictorNode(io.ComfyNode):
                                        "paper's; keeps every token's block outputs, backpropagates through the "
                                        "model). first_order: each block judged alone on a token sample; far less "
                                        "memory for large models."),
+                io.Int.Input("lora_rank", default=DEFAULT_LORA_RANK, min=0, max=256, advanced=True,
+                             tooltip="Then train LoRA adapters of this rank on the last protected_last_blocks blocks "
+                                     "(model frozen) so they repair what caching costs, as in the paper; stored in "
+                                     "the predictor file, applied by TokenCache at cached steps only. 0: no LoRA."),
+                io.Float.Input("cache_ratio", default=0.9, min=0.0, max=1.0, step=0.01, advanced=True,
+                               tooltip="The TokenCache setting the LoRA is trained under: use the TokenCache node's."),
+                io.Int.Input("i_steps", default=4, min=1, max=1000, advanced=True,
+                             tooltip="The TokenCache setting the LoRA is trained under: use the TokenCache node's."),
+                io.Int.Input("protected_last_blocks", default=4, min=1, max=1000, advanced=True,
+                             tooltip="The blocks that get the LoRA; the TokenCache node must protect at least these."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the predictor was written.")],
             hidden=[io.Hidden.unique_id],
@@ -201,27 +215,32 @@ class TokenCacheTrainPredictorNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, iterations,
-                learning_rate, cost_weight, filename, architecture="first_block", objective="chained") -> io.NodeOutput:
+                learning_rate, cost_weight, filename, architecture="first_block", objective="chained",
+                lora_rank=None, cache_ratio=0.9, i_steps=4, protected_last_blocks=4) -> io.NodeOutput:
         problem = predictor_filename_problem(filename)
         if problem:
             raise ValueError(problem)
         settings = TrainingSettings(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
                                     iterations=iterations, learning_rate=learning_rate, cost_weight=cost_weight,
-                                    architecture=architecture, objective=objective)
+                                    architecture=architecture, objective=objective,
+                                    lora_rank=DEFAULT_LORA_RANK if lora_rank is None else lora_rank,
+                                    cache_ratio=cache_ratio, i_steps=i_steps, protected_last_blocks=protected_last_blocks)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
-        bar = comfy.utils.ProgressBar(iterations)
+        bar = comfy.utils.ProgressBar(iterations * (2 if settings.lora_rank else 1))
 
         def progress(done, total, loss):
             bar.update_absolute(done, total)
             if done == total or done % max(1, total // 20) == 0:
                 text = f"TokenCache training: iteration {done}/{total}, loss {loss:.4f}"
+                if settings.lora_rank and done > iterations:
+                    text += " (LoRA)"
                 logging.info(text)
                 show_on_node(node_id, text)
 
-        predictor, metadata = train_predictor(model, positive, negative, latent_image, settings, progress)
+        predictor, metadata, lora = train_with_refinement(model, positive, negative, latent_image, settings, progress)
         path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], predictor_file_name(filename))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_predictor(path, predictor, metadata)
+        save_predictor(path, predictor, metadata, lora)
         return io.NodeOutput(path)
 
 

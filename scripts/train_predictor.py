@@ -12,6 +12,10 @@ real sampling path.
     python scripts/train_predictor.py --architecture mlp_mixer --objective first_order \
         --out reference/weights/token_cache/shapes_reference_mlp_mixer_first_order.safetensors
 
+    # LoRA refinement of the last 2 blocks for the shipped predictor (its weights and calibration kept)
+    python scripts/train_predictor.py --from-predictor reference/weights/token_cache/shapes_reference_predictor.safetensors \
+        --lora-rank 8 --batch 64 --out reference/weights/token_cache/shapes_reference_predictor_lora.safetensors
+
 With --model, the conditioning is a fixed random text embedding (no text
 encoder is loaded here); the node is the way to train on real prompts.
 """
@@ -33,9 +37,10 @@ import comfy.sd  # noqa: E402
 from pack_loader import import_pack  # noqa: E402
 
 pack = import_pack()
-from dit_token_cache.accel_core.predictor_file import save_predictor  # noqa: E402
+from dit_token_cache.accel_core.predictor_file import load_predictor, save_predictor  # noqa: E402
+from dit_token_cache.nodes.families import tokencache_adapter_for  # noqa: E402
 from dit_token_cache.nodes.predictor_training import (ARCHITECTURES, OBJECTIVES, TrainingSettings,  # noqa: E402
-                                                       train_predictor)
+                                                       predictor_expectations, refine, train_with_refinement)
 from reference import codec, shapes  # noqa: E402
 from reference.model import MODEL_FILE, PREDICTOR_FILE, conditioning  # noqa: E402
 
@@ -72,6 +77,13 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="first_block")
     parser.add_argument("--objective", choices=OBJECTIVES, default="chained")
+    parser.add_argument("--from-predictor", type=Path,
+                        help="keep this predictor file's predictor and calibration; train only the LoRA (--lora-rank)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA refinement of the protected last blocks (0: none)")
+    parser.add_argument("--cache-ratio", type=float, default=0.9, help="TokenCache setting the LoRA is trained under")
+    parser.add_argument("--i-steps", type=int, default=4, help="TokenCache setting the LoRA is trained under")
+    parser.add_argument("--protected-last-blocks", type=int, default=2,
+                        help="blocks that get the LoRA (the reference model's benchmarks protect 2 of 8)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -84,18 +96,32 @@ def main():
         positive, negative, latent = random_text_inputs(model, args.width, args.height, args.seed)
     settings = TrainingSettings(seed=args.seed, steps=args.steps, cfg=args.cfg, iterations=args.iterations,
                                 learning_rate=args.learning_rate, cost_weight=args.cost_weight,
-                                architecture=args.architecture, objective=args.objective)
+                                architecture=args.architecture, objective=args.objective, lora_rank=args.lora_rank,
+                                cache_ratio=args.cache_ratio, i_steps=args.i_steps,
+                                protected_last_blocks=args.protected_last_blocks)
 
     def progress(done, total, loss):
         if done == total or done % max(1, total // 20) == 0:
             print(f"iteration {done:5d}/{total}  loss {loss:.4f}", flush=True)
 
-    predictor, metadata = train_predictor(model, positive, negative, latent, settings, progress)
+    if args.from_predictor:
+        if not args.lora_rank:
+            parser.error("--from-predictor trains the LoRA only: give --lora-rank")
+        adapter = tokencache_adapter_for(model)
+        predictor, metadata = load_predictor(str(args.from_predictor), expect=predictor_expectations(adapter),
+                                             first_block=adapter.predictor_parts)
+        metadata = {key: value for key, value in metadata.items() if key not in ("format", "format_version", "predictor")}
+        lora = refine(model, predictor, metadata, positive, negative, latent, settings, progress)
+    else:
+        predictor, metadata, lora = train_with_refinement(model, positive, negative, latent, settings, progress)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_predictor(str(args.out), predictor, metadata)
+    save_predictor(str(args.out), predictor, metadata, lora)
     training = metadata["training"]
     print(f"wrote {args.out}: loss {training['first_loss']:.4f} -> {training['final_loss']:.4f} "
           f"over {training['trajectories']} trajectories")
+    if lora is not None:
+        print(f"LoRA rank {args.lora_rank} on blocks {list(lora.spec.blocks)}: loss {training['lora']['first_loss']:.4f} "
+              f"-> {training['lora']['final_loss']:.4f} over {training['lora']['trajectories']} trajectories")
 
 
 if __name__ == "__main__":

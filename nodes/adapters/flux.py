@@ -31,8 +31,11 @@ class FluxFamilyAdapter:
     selectors = SELECTORS
     tokencache = True   # TokenCache plans from the first block's input, cat(txt, img)
 
+    output_layer = "final_layer"   # reads the last block's image tokens: what LoRA refinement is trained against
+
     def __init__(self, diffusion_model, family: str):
         self.family = family
+        self.diffusion_model = diffusion_model
         self.double_blocks = list(diffusion_model.double_blocks)
         self.single_blocks = list(diffusion_model.single_blocks)
         if not self.single_blocks:
@@ -89,6 +92,35 @@ class FluxFamilyAdapter:
     def planning_input(self, args) -> PlanningInput:
         tokens = torch.cat((args["txt"], args["img"]), dim=1) if "txt" in args else args["img"]
         return PlanningInput(tokens, args)
+
+    # -- TokenCache LoRA refinement ------------------------------------------------
+    def block_paths(self):
+        """(path in the diffusion model, block) of every block, in the run's block numbering."""
+        return ([(f"double_blocks.{i}", b) for i, b in enumerate(self.double_blocks)]
+                + [(f"single_blocks.{i}", b) for i, b in enumerate(self.single_blocks)])
+
+    def wrap_block(self, model_patcher, block_id: int, wrapper) -> None:
+        """Put wrapper(call, args) -> output around block `block_id` of the
+        patched clone, where call(args) runs the block as patched so far and
+        args is the block's input dict."""
+        double = block_id < len(self.double_blocks)
+        key = ("double_block", block_id) if double else ("single_block", block_id - len(self.double_blocks))
+        earlier = model_patcher.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(key)
+
+        def replacement(args, extra):
+            if earlier is not None:
+                return wrapper(lambda a: earlier(a, extra), args)
+            return wrapper(extra["original_block"], args)
+        model_patcher.set_model_patch_replace(replacement, "dit", *key)
+
+    def joint_tokens(self, block_id: int, args_or_output) -> torch.Tensor:
+        """cat(txt, img) of a block's input or output dict (a single block's img is joint already)."""
+        if block_id < len(self.double_blocks):
+            return torch.cat((args_or_output["txt"], args_or_output["img"]), dim=1)
+        return args_or_output["img"]
+
+    def text_length(self, args) -> int:
+        return args["txt"].shape[1] if "txt" in args else 0
 
     def block_contribution(self, block_id: int, x: torch.Tensor, args: dict, txt_len: int,
                            dtype: torch.dtype) -> torch.Tensor:
