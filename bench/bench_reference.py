@@ -39,7 +39,8 @@ from reference.model import MODEL_FILE, PREDICTOR_DIR, PREDICTOR_FILE, WEIGHTS, 
 
 pack = import_pack()
 from dit_token_cache.accel_core import metrics  # noqa: E402
-from dit_token_cache.accel_core.predictor_file import load_predictor  # noqa: E402
+from dit_token_cache.accel_core.lora import linear_layers  # noqa: E402
+from dit_token_cache.accel_core.predictor_file import load_lora, load_predictor  # noqa: E402
 from dit_token_cache.nodes.families import tokencache_adapter_for  # noqa: E402
 from dit_token_cache.nodes.tokencache_nodes import step_importance  # noqa: E402
 CacheConfig = pack.accel_core.CacheConfig
@@ -65,11 +66,17 @@ PREDICTORS = {"learned": PREDICTOR_FILE,   # first_block, chained objective (the
               "mlp_mixer first_order": PREDICTOR_DIR / "shapes_reference_mlp_mixer_first_order.safetensors"}
 
 
-def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2, placement="measured", forecast="reuse"):
+# the shipped first-block predictor with LoRA adapters on the last 2 blocks (scripts/train_predictor.py --from-predictor)
+LORA_FILE = PREDICTOR_DIR / "shapes_reference_predictor_lora.safetensors"
+
+
+def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2, placement="measured", forecast="reuse",
+               lora=False):
     """TokenCache with one of the shipped predictors (PREDICTORS), or the
     training-free fallback ("change"), or random scores ("random"). I-steps
     from the shipped first-block predictor's calibration by `placement`
-    (so scorings compare at the same I-steps), or "even"."""
+    (so scorings compare at the same I-steps), or "even". lora: with the
+    LoRA adapters of LORA_FILE, whatever the scoring."""
     config = CacheConfig(mode="tokencache", cache_ratio=cache_ratio, i_steps=i_steps,
                          protected_last_blocks=protected_last_blocks, forecast=forecast)
 
@@ -77,11 +84,15 @@ def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2, pla
         parts = tokencache_adapter_for(model).predictor_parts
         shipped, metadata = load_predictor(str(PREDICTOR_FILE), first_block=parts)
         calibration = step_importance(metadata["calibration"], placement)
+        adapters = None
+        if lora:
+            adapter = tokencache_adapter_for(model)
+            adapters = load_lora(str(LORA_FILE), lambda: linear_layers(adapter.block_paths()), adapter.block_count)
         if scoring in PREDICTORS:
             predictor = shipped if PREDICTORS[scoring] == PREDICTOR_FILE else \
                 load_predictor(str(PREDICTORS[scoring]), first_block=parts)[0]
-            return patcher.apply_token_cache(model, config, predictor=predictor, calibration=calibration)
-        return patcher.apply_token_cache(model, config, fallback=scoring, calibration=calibration)
+            return patcher.apply_token_cache(model, config, predictor=predictor, calibration=calibration, lora=adapters)
+        return patcher.apply_token_cache(model, config, fallback=scoring, calibration=calibration, lora=adapters)
     return build
 
 
@@ -109,6 +120,9 @@ def methods_for(args) -> list:
                             tokencache("learned", ratio, i_steps), steps))
     for scoring in ("mlp_mixer", "mlp_mixer first_order", "change", "random"):
         found.append(Method(f"TokenCache {scoring} I=4 r=0.9", "TokenCache scoring", tokencache(scoring), steps))
+    for scoring in ("learned", "change", "random"):   # issue 12: the LoRA refinement of the last 2 blocks
+        found.append(Method(f"TokenCache {scoring}+LoRA I=4 r=0.9", "TokenCache LoRA",
+                            tokencache(scoring, lora=True), steps))
     for placement in ("predicted", "even"):
         found.append(Method(f"TokenCache learned I=4 r=0.9 {placement} I-steps", "TokenCache placement",
                             tokencache("learned", placement=placement), steps))

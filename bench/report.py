@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 GRID_METHODS = ("uncached", "DuCa N=3 r=0.9", "DuCa N=5 r=0.9", "ToCa N=5 r=0.9", "FORA N=5", "DuCa N=8 r=0.9",
                 "TokenCache learned I=4 r=0.9", "EasyCache t=0.3", "LazyCache t=0.3")
 FRONTS = ("DuCa", "ToCa", "FORA", "TokenCache", "EasyCache", "LazyCache", "fewer steps", "DuCa selectors", "DuCa order",
-          "DuCa attention variant", "TokenCache scoring", "TokenCache placement")
+          "DuCa attention variant", "TokenCache scoring", "TokenCache placement", "TokenCache LoRA")
 
 
 def _fmt(value, digits=3):
@@ -156,6 +156,21 @@ def claim_tokencache(rows):
                              [(label, named[name]) for label, name in scorings])
     lines += [""] + _tokencache_rows(rows, "I-step placement (I=4, r=0.9, first-block predictor)",
                                      [(label, named[name]) for label, name in placements])
+    lora_verdict = ""
+    refined = [(label, name, name.replace(" I=4", "+LoRA I=4")) for label, name in
+               (scorings[0], scorings[3], scorings[4])]
+    if all(with_lora in named for _, _, with_lora in refined):
+        entries = []
+        for label, without, with_lora in refined:
+            entries += [(label, named[without]), (f"{label} + LoRA on the last 2 blocks", named[with_lora])]
+        lines += [""] + _tokencache_rows(rows, "TokenCache scoring with and without the LoRA refinement (I=4, r=0.9)",
+                                         entries)
+        best = named[refined[0][2]]
+        random = named[refined[2][1]]
+        lora_verdict = (f"; learned + LoRA {best['psnr']:.2f} dB at {best['theoretical']:.2f}x against random "
+                        f"{random['psnr']:.2f} dB at {random['theoretical']:.2f}x "
+                        f"({best['psnr'] - random['psnr']:+.2f} dB), the LoRA alone "
+                        f"{best['psnr'] - named[refined[0][1]]['psnr']:+.2f} dB on the learned scores")
     ranked = sorted(scorings, key=lambda entry: -named[entry[1]]["psnr"])
     learned = named[scorings[0][1]]
     front = _front(rows, "DuCa")
@@ -168,7 +183,7 @@ def claim_tokencache(rows):
             "\n".join(lines),
             f"scorings share the measured I-steps; order by PSNR: {' > '.join(label for label, _ in ranked)}; "
             f"best placement: {best_placement}; the first-block predictor reaches {learned['psnr']:.2f} dB at "
-            f"{learned['theoretical']:.2f}x, {against_duca}")
+            f"{learned['theoretical']:.2f}x, {against_duca}{lora_verdict}")
 
 
 def pareto_plot(rows, path: Path, title: str):

@@ -86,8 +86,9 @@ class _Recorder:
     """Block-replace patches and an APPLY_MODEL wrapper that record one
     sampling run's evaluations. `subset_size` None keeps every token."""
 
-    def __init__(self, adapter, subset_size, generator: torch.Generator):
+    def __init__(self, adapter, subset_size, generator: torch.Generator, on_first=None):
         self.adapter = adapter
+        self.on_first = on_first   # called with the first evaluation recorded (the memory check)
         self.subset_size = subset_size
         self.generator = generator
         self.subset = None
@@ -114,6 +115,8 @@ class _Recorder:
             block_args = self._block_args if self.subset_size is None else []
             self.evaluations.append(Evaluation(conds, self._sigma, self._inputs, torch.stack(self._deltas, dim=1),
                                                block_args))
+            if len(self.evaluations) == 1 and self.on_first is not None:
+                self.on_first(self.evaluations[0])
         return out
 
     def _keep(self, args, joint_in, joint_out):
@@ -145,11 +148,70 @@ class _Recorder:
         return out
 
 
-def record_trajectory(model, positive, negative, latent: dict, settings: TrainingSettings, seed: int):
+def _gib(count: float) -> str:
+    return f"{count / 2**30:.2f} GiB"
+
+
+def recorded_bytes(evaluation: Evaluation) -> int:
+    """Bytes one recorded evaluation keeps: block outputs, the first block's
+    inputs, and (chained) every block's other inputs, each tensor once."""
+    sizes = {}
+
+    def count(tensor):
+        sizes[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+    evaluation.inputs.map(count)
+    count(evaluation.deltas)
+    for args in evaluation.block_args:
+        map_block_args(args, count)
+    return sum(sizes.values())
+
+
+def trajectory_bytes(evaluation: Evaluation, settings: TrainingSettings, rows_per_step: int) -> float:
+    """What recording one trajectory keeps, projected from its first evaluation."""
+    return recorded_bytes(evaluation) / evaluation.deltas.shape[0] * rows_per_step * settings.steps
+
+
+def check_training_memory(evaluation: Evaluation, settings: TrainingSettings, rows_per_step: int,
+                          free_bytes=None) -> str:
+    """From the first recorded evaluation: what recording a trajectory keeps
+    in RAM, and at most two of them while the next is recorded. A ValueError
+    naming the cheaper choices where that exceeds 90 % of the free RAM
+    (`free_bytes`, by default ComfyUI's measure); otherwise the estimate, for
+    the node to show."""
+    rows = evaluation.deltas.shape[0]
+    trajectory = trajectory_bytes(evaluation, settings, rows_per_step)
+    free = comfy.model_management.get_free_memory(torch.device("cpu")) if free_bytes is None else free_bytes
+    text = (f"TokenCache training ({settings.objective}): about {_gib(trajectory)} of block outputs per trajectory "
+            f"({settings.steps} steps x {rows_per_step} rows), {_gib(2 * trajectory)} at most; {_gib(free)} RAM free")
+    if 2 * trajectory <= 0.9 * free:
+        return text
+    tokens = evaluation.inputs.tokens.shape[1]
+    deltas = evaluation.deltas.numel() * evaluation.deltas.element_size() / rows
+    inputs = evaluation.inputs.tokens.numel() * evaluation.inputs.tokens.element_size() / rows
+    cheaper = []
+    if settings.objective == "chained":
+        kept = min(1.0, settings.max_tokens / tokens)
+        first_order = 2 * (deltas * kept + inputs) * rows_per_step * settings.steps
+        cheaper.append(f"objective first_order (it keeps {min(settings.max_tokens, tokens)} of the {tokens} tokens: "
+                       f"about {_gib(first_order)})")
+    cheaper += [f"fewer steps ({settings.steps} now: memory grows with them)",
+                f"a smaller latent batch or size ({rows_per_step} rows of {tokens} tokens per step now)"]
+    raise ValueError(f"{text}: it would not fit. Use {', or '.join(cheaper)}.")
+
+
+def memory_check(settings: TrainingSettings, latent: dict, notify):
+    """check_training_memory for a run of `latent` (cond and uncond rows unless cfg is 1), its estimate to notify()."""
+    rows_per_step = latent["samples"].shape[0] * (1 if settings.cfg == 1.0 else 2)
+    return lambda evaluation: notify(check_training_memory(evaluation, settings, rows_per_step))
+
+
+def record_trajectory(model, positive, negative, latent: dict, settings: TrainingSettings, seed: int,
+                      on_first=None):
     """Evaluations of one real sampling run (uncached) with noise seed `seed`."""
     adapter = tokencache_adapter_for(model)
     subset_size = None if settings.objective == "chained" else settings.max_tokens
-    recorder = _Recorder(adapter, subset_size, torch.Generator().manual_seed(seed))
+    recorder = _Recorder(adapter, subset_size, torch.Generator().manual_seed(seed), on_first)
     recording = model.clone()
     recorder.install(recording)
     latent_image = comfy.sample.fix_empty_latent_channels(recording, latent["samples"])
@@ -202,10 +264,10 @@ def _usable(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
     return memo[id(tensor)] if id(tensor) in memo else memo.setdefault(id(tensor), tensor.clone())
 
 
-def _recorded(model, positive, negative, latent, settings, seed):
+def _recorded(model, positive, negative, latent, settings, seed, on_first=None):
     """A trajectory recorded without autograd, its tensors made usable by autograd."""
     with torch.inference_mode():
-        evaluations, subset = record_trajectory(model, positive, negative, latent, settings, seed)
+        evaluations, subset = record_trajectory(model, positive, negative, latent, settings, seed, on_first)
     memo = {}
     usable = [Evaluation(e.conds, e.sigma, e.inputs.map(lambda t: _usable(t, memo)), e.deltas.clone(),
                          [map_block_args(args, lambda t: _usable(t, memo)) for args in e.block_args])
@@ -261,7 +323,7 @@ def _differentiable_ops():
         comfy.model_management.in_training = before
 
 
-def _optimise(model, positive, negative, latent, settings, adapter, progress):
+def _optimise(model, positive, negative, latent, settings, adapter, progress, notify):
     device = model.load_device
     pairs, trajectory, last_evaluations, subset = [], 0, [], None
     predictor = optimizer = None
@@ -269,7 +331,10 @@ def _optimise(model, positive, negative, latent, settings, adapter, progress):
     for iteration in range(settings.iterations):
         comfy.model_management.throw_exception_if_processing_interrupted()
         if not pairs:
-            last_evaluations, subset = _recorded(model, positive, negative, latent, settings, settings.seed + trajectory)
+            # the memory check, once, at the first model evaluation
+            on_first = memory_check(settings, latent, notify) if trajectory == 0 else None
+            last_evaluations, subset = _recorded(model, positive, negative, latent, settings, settings.seed + trajectory,
+                                                 on_first)
             trajectory += 1
             found = _pairs(last_evaluations)
             if not found:
@@ -299,16 +364,18 @@ def _optimise(model, positive, negative, latent, settings, adapter, progress):
     return predictor, losses, trajectory, last_evaluations
 
 
-def train_predictor(model, positive, negative, latent: dict, settings: TrainingSettings, progress=None):
+def train_predictor(model, positive, negative, latent: dict, settings: TrainingSettings, progress=None, notify=None):
     """Train a predictor for `model`; returns (predictor on the CPU, metadata for
     the file). `progress(iteration, total, loss)` is called after every
-    iteration; ComfyUI's cancel raises out of here between iterations."""
+    iteration, notify(text) with the memory estimate (check_training_memory,
+    which refuses a setting that would not fit after the first model
+    evaluation); ComfyUI's cancel raises out of here between iterations."""
     settings.check()
     adapter = tokencache_adapter_for(model)
     # ComfyUI runs nodes under inference mode: the predictor trains outside it
     with torch.inference_mode(False), torch.enable_grad():
         predictor, losses, trajectory, last_evaluations = _optimise(model, positive, negative, latent, settings,
-                                                                    adapter, progress)
+                                                                    adapter, progress, notify or logging.info)
     predictor.eval()
     calibration = calibrate(last_evaluations, predictor, model.load_device)
     window = max(1, min(20, len(losses)))
@@ -328,7 +395,8 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
     return predictor.cpu(), metadata
 
 
-def train_with_refinement(model, positive, negative, latent: dict, settings: TrainingSettings, progress=None):
+def train_with_refinement(model, positive, negative, latent: dict, settings: TrainingSettings, progress=None,
+                          notify=None):
     """train_predictor, then (settings.lora_rank > 0) the LoRA refinement of
     the last settings.protected_last_blocks blocks under TokenCache with that
     predictor. Returns (predictor, metadata, BlockLoRA or None); progress
@@ -345,7 +413,7 @@ def train_with_refinement(model, positive, negative, latent: dict, settings: Tra
         if progress is None:
             return None
         return lambda done, total, loss: progress(offset + done, phases * total, loss)
-    predictor, metadata = train_predictor(model, positive, negative, latent, settings, phase(0))
+    predictor, metadata = train_predictor(model, positive, negative, latent, settings, phase(0), notify)
     if not settings.lora_rank:
         return predictor, metadata, None
     return predictor, metadata, refine(model, predictor, metadata, positive, negative, latent, settings,

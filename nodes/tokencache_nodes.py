@@ -237,7 +237,12 @@ class TokenCacheTrainPredictorNode(io.ComfyNode):
                 logging.info(text)
                 show_on_node(node_id, text)
 
-        predictor, metadata, lora = train_with_refinement(model, positive, negative, latent_image, settings, progress)
+        def notify(text):
+            logging.info(text)
+            show_on_node(node_id, text)
+
+        predictor, metadata, lora = train_with_refinement(model, positive, negative, latent_image, settings, progress,
+                                                          notify)
         path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], predictor_file_name(filename))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_predictor(path, predictor, metadata, lora)

@@ -5,6 +5,7 @@ work its ratio asks for, bad files are refused, and the run lifecycle holds
 (CFG batched/split, determinism, cancel)."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from dit_token_cache.nodes.families import tokencache_adapter_for
 from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
 from dit_token_cache.nodes.duca_node import DEFAULT_PRECISION
 from dit_token_cache.nodes.predictor_training import (TrainingSettings, _differentiable_ops, _pairs, _recorded,
-                                                      train_predictor)
+                                                      check_training_memory, recorded_bytes, train_predictor,
+                                                      trajectory_bytes)
 from dit_token_cache.nodes.tokencache_nodes import FOLDER, TokenCacheNode, TokenCacheTrainPredictorNode, step_importance
 
 FAMILY = "flux_schnell"
@@ -410,3 +412,31 @@ def test_tokencache_refuses_families_it_does_not_cover_yet(tiny_model):
     wan = tiny_model("wan_t2v")
     with pytest.raises(ValueError, match="TokenCache supports the Flux family.*not Wan"):
         apply_token_cache(wan, CacheConfig(mode="tokencache"))
+
+
+def test_training_memory_is_estimated_and_a_setting_that_does_not_fit_is_refused(flux):
+    positive, negative, latent = _inputs(flux)
+    settings = TrainingSettings(**TRAINING)
+    evaluations, _ = _recorded(flux, positive, negative, latent, settings, seed=5)
+    rows_per_step = 2    # one latent, cond and uncond
+    kept = sum(recorded_bytes(e) for e in evaluations)
+    # the estimate from the first evaluation is what the whole trajectory keeps, most of it the block outputs:
+    # steps x rows x blocks x tokens x hidden values
+    estimate = trajectory_bytes(evaluations[0], settings, rows_per_step)
+    assert estimate == pytest.approx(kept, rel=0.01)
+    adapter = tokencache_adapter_for(flux)
+    block_outputs = 6 * rows_per_step * adapter.block_count * 32 * adapter.hidden * evaluations[0].deltas.element_size()
+    assert block_outputs < estimate < 2 * block_outputs   # the rest: the first block's inputs, positions
+    text = check_training_memory(evaluations[0], settings, rows_per_step, free_bytes=2**40)
+    assert re.search(r"about [0-9.]+ GiB of block outputs per trajectory \(6 steps x 2 rows\)", text)
+    with pytest.raises(ValueError, match=r"would not fit\. Use objective first_order \(it keeps 32 of the 32 tokens"):
+        check_training_memory(evaluations[0], settings, rows_per_step, free_bytes=kept)
+    first_order = TrainingSettings(**TRAINING, objective="first_order")
+    with pytest.raises(ValueError, match=r"would not fit\. Use fewer steps \(6 now") as refused:
+        check_training_memory(evaluations[0], first_order, rows_per_step, free_bytes=kept)
+    assert "first_order" not in str(refused.value).split("Use", 1)[1]
+    # training tells the node the estimate before its first iteration
+    told = []
+    train_predictor(flux, positive, negative, latent, TrainingSettings(**{**TRAINING, "iterations": 1}),
+                    notify=told.append)
+    assert len(told) == 1 and told[0].startswith("TokenCache training (chained): about ")
