@@ -8,7 +8,7 @@ An adapter adds scale * up(down(x)) to a linear layer's output. `up` starts
 at zero, so an untrained adapter leaves the model's output unchanged.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,10 @@ class LowRankAdapter(nn.Module):
         self.up = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.down, a=5 ** 0.5)
         self._cast = {}   # (device, dtype, weight versions) -> (down, up), for inference
+
+    def flops(self, tokens: int) -> float:
+        """Two FLOPs per weight of down and up, per token."""
+        return 2.0 * (self.down.numel() + self.up.numel()) * tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.down.requires_grad:
@@ -105,9 +109,13 @@ def linear_layers(blocks: Sequence[tuple]) -> Dict[str, tuple]:
             if isinstance(module, nn.Linear)}
 
 
-def adapted_forward(original: Callable, adapter: LowRankAdapter, active: Callable[[], bool], x, *args, **kwargs):
-    """A linear layer's forward with its adapter added where active() says so."""
+def adapted_forward(original: Callable, adapter: LowRankAdapter, active: Callable[[], bool],
+                    count: Optional[Callable[[float], None]], x, *args, **kwargs):
+    """A linear layer's forward with its adapter added where active() says
+    so; count(flops) is told the adapter's work there."""
     out = original(x, *args, **kwargs)
     if not active():
         return out
+    if count is not None:
+        count(adapter.flops(x.numel() // x.shape[-1]))
     return out + adapter(x).to(out.dtype)

@@ -13,6 +13,7 @@ class WorkStats:
     flops_computed: float = 0.0
     flops_uncached: float = 0.0
     predictor_flops: float = 0.0                     # TokenCache's learned predictor, part of flops_computed
+    adapter_flops: float = 0.0                       # TokenCache's LoRA adapters, part of flops_computed
     token_blocks_computed: int = 0
     token_blocks_total: int = 0
     peak_cache_bytes: int = 0
@@ -39,6 +40,11 @@ class WorkStats:
         """Work spent choosing tokens: computed, with no uncached counterpart."""
         self.flops_computed += flops
         self.predictor_flops += flops
+
+    def record_adapters(self, flops: float) -> None:
+        """Work of the LoRA refinement adapters: computed, with no uncached counterpart."""
+        self.flops_computed += flops
+        self.adapter_flops += flops
 
     def record_error(self, step: int, error: float) -> None:
         self.step_errors[step] = error
@@ -90,6 +96,8 @@ class WorkStats:
         predictor = ""
         if self.predictor_flops and self.flops_uncached:
             predictor = f", predictor {100 * self.predictor_flops / self.flops_uncached:.1f}%"
+        if self.adapter_flops and self.flops_uncached:
+            predictor += f", LoRA {100 * self.adapter_flops / self.flops_uncached:.2f}%"
         errors = ""
         if self.step_errors:
             values = list(self.step_errors.values())

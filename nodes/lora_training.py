@@ -172,7 +172,7 @@ def adapters_on(diffusion_model, lora: BlockLoRA):
             module = diffusion_model.get_submodule(layer)
             had = "forward" in module.__dict__
             changed.append((module, had, module.__dict__.get("forward")))
-            module.forward = functools.partial(adapted_forward, module.forward, lora.adapter(layer), lambda: True)
+            module.forward = functools.partial(adapted_forward, module.forward, lora.adapter(layer), lambda: True, None)
         yield
     finally:
         for module, had, before in reversed(changed):

@@ -194,17 +194,20 @@ class PatchHooks:
         run = self._settings.active_run
         return run is not None and run.plan is not None and run.plan.kind is StepKind.CONSERVATIVE
 
+    def count_adapter_work(self, flops: float) -> None:
+        self._settings.active_run.stats.record_adapters(flops)
+
 
 def install_lora(model_patcher, lora, hooks: PatchHooks) -> None:
     """TokenCache's refinement adapters as object patches of their linear
     layers' forwards on the clone: the layers keep their own forward (and the
     weight patches of the user's LoRAs); the adapter adds its output at the
-    steps where caching is active."""
+    steps where caching is active, and its work counts as computed."""
     for layer in lora.spec.layers:
         name = f"diffusion_model.{layer}.forward"
         forward = model_patcher.get_model_object(name)
         model_patcher.add_object_patch(name, functools.partial(adapted_forward, forward, lora.adapter(layer),
-                                                               hooks.caching_step))
+                                                               hooks.caching_step, hooks.count_adapter_work))
 
 
 @dataclass

@@ -88,9 +88,13 @@ def test_adapters_act_at_p_steps_only_and_on_the_clone_only(flux):
     patched = apply_token_cache(flux, CONFIG, lora=lora)
     settings = patched.model_options["transformer_options"][SETTINGS_KEY]
     calls = collections.Counter()
+    work = []
+
+    def seen(module, args, out):
+        calls.update([settings.active_run.plan.kind])
+        work.append(module.flops(args[0].numel() // args[0].shape[-1]))
     for layer in lora.spec.layers:
-        adapter = lora.adapter(layer)
-        adapter.register_forward_hook(lambda module, args, out: calls.update([settings.active_run.plan.kind]))
+        lora.adapter(layer).register_forward_hook(seen)
     base = _sample(flux)
     with_lora = _sample(patched)
     run = settings.last_run
@@ -98,6 +102,9 @@ def test_adapters_act_at_p_steps_only_and_on_the_clone_only(flux):
     assert p_steps > 0 and set(calls) == {StepKind.CONSERVATIVE}
     # every adapted layer once per P-step (cond and uncond batched into one evaluation)
     assert calls[StepKind.CONSERVATIVE] == p_steps * len(lora.spec.layers)
+    # their work counts as computed work, like the predictor's
+    assert run.stats.adapter_flops == pytest.approx(sum(work)) and run.stats.adapter_flops > 0
+    assert "LoRA" in run.stats.summary("TokenCache")
     assert not torch.equal(with_lora, _sample(apply_token_cache(flux, CONFIG)))
     # the input model runs as before: ComfyUI put each layer's own forward back
     assert torch.equal(_sample(flux), base)
