@@ -37,11 +37,17 @@ class LowRankAdapter(nn.Module):
             down, up = self.down.to(x.dtype), self.up.to(x.dtype)
         else:
             # inference: one cast copy per device and dtype, made again only when the weights change
-            key = (x.device, x.dtype, self.down._version, self.up._version)
+            key = (x.device, x.dtype, _version(self.down), _version(self.up))
             if key not in self._cast:
                 self._cast = {key: (self.down.detach().to(x.device, x.dtype), self.up.detach().to(x.device, x.dtype))}
             down, up = self._cast[key]
         return nn.functional.linear(nn.functional.linear(x, down), up) * self.scale
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """How often the tensor was changed in place; tensors made in inference mode
+    (loaded inside ComfyUI's nodes) keep no count and are not trained."""
+    return 0 if tensor.is_inference() else tensor._version
 
 
 @dataclass(frozen=True)

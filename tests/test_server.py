@@ -53,7 +53,7 @@ DUCA_WIDGETS = ["cache_ratio", "cycle_length", "selector", "start_percent", "end
                 "cache_budget_gb"]
 
 SUMMARY = re.compile(r"DuCa\[(\w+)\]: (\d+) steps \((\d+) full, (\d+) aggressive, (\d+) conservative\)")
-TOKENCACHE_SUMMARY = re.compile(r"TokenCache\[(\w+)\]: (\d+) steps \((\d+) full, (\d+) aggressive, (\d+) conservative\)")
+TOKENCACHE_SUMMARY = re.compile(r"TokenCache\[([\w+]+)\]: (\d+) steps \((\d+) full, (\d+) aggressive, (\d+) conservative\)")
 CACHE_NODES = ("DuCaCache", "TokenCache")
 TRAIN_NODE = "TokenCacheTrainPredictor"
 
@@ -311,7 +311,8 @@ def _run_tokencache_prompt(server, prompt, name):
     summaries = TOKENCACHE_SUMMARY.findall(log)
     assert summaries, f"no TokenCache summary in the server log:\n{log[-4000:]}"
     scoring, steps, full, aggressive, conservative = summaries[-1]
-    expected_scoring = "fallback" if node["inputs"]["predictor"] == "none" else "learned"
+    # every predictor file run here carries LoRA adapters (the shipped one, and those the workflow trains)
+    expected_scoring = "fallback" if node["inputs"]["predictor"] == "none" else "learned+LoRA"
     assert (scoring, int(steps), int(full), int(aggressive), int(conservative)) == (
         expected_scoring, sampler["inputs"]["steps"], node["inputs"]["i_steps"], 0,
         sampler["inputs"]["steps"] - node["inputs"]["i_steps"]), summaries[-1]
@@ -325,7 +326,8 @@ def test_train_then_use_predictor(server, object_info):
     train_id, trainer = wt.node_of_type(train, TRAIN_NODE)
     # the file name comes through a link, as from a primitive node: validated with None, checked when it runs
     train["filename_source"] = {"class_type": "PrimitiveString", "inputs": {"value": "server_trained"}}
-    trainer["inputs"].update(iterations=4, steps=4, filename=["filename_source", 0])
+    # the workflow's LoRA refinement (rank 8 on the last 2 blocks) trains too: 6 steps leave 2 P-steps after 4 I-steps
+    trainer["inputs"].update(iterations=4, steps=6, filename=["filename_source", 0])
     for node in train.values():
         if node["class_type"] == "TokenCacheShapesEmptyLatent":
             node["inputs"]["batch_size"] = 2

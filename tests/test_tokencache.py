@@ -31,6 +31,7 @@ FAMILY = "flux_schnell"
 STEPS = 8
 SAMPLING = dict(steps=STEPS, cfg=2.0, seed=3, width=64, height=64)
 TRAINING = dict(seed=0, steps=6, cfg=2.0, iterations=30, learning_rate=3e-3, cost_weight=0.05)
+NO_LORA = dict(lora_rank=0)   # the node's LoRA refinement has its own tests (test_tokencache_lora.py)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def _inputs(model):
 def trained(flux, predictor_dir):
     positive, negative, latent = _inputs(flux)
     (path,) = TokenCacheTrainPredictorNode.execute(flux, positive, negative, latent, filename="tiny_flux", sampler_name="euler",
-                                                   scheduler="simple", **TRAINING).result
+                                                   scheduler="simple", **TRAINING, **NO_LORA).result
     return path
 
 
@@ -310,7 +311,7 @@ def test_bad_predictor_files_are_refused(flux, trained, predictor_dir, model_dir
     other = tiny_models.load(FAMILY, tiny_models.build_checkpoint(FAMILY, model_dir / f"{FAMILY}_deeper.safetensors", depth=3))
     positive, negative, latent = _inputs(other)
     TokenCacheTrainPredictorNode.execute(other, positive, negative, latent, filename="deeper", sampler_name="euler",
-                                         scheduler="simple", **{**TRAINING, "iterations": 2})
+                                         scheduler="simple", **{**TRAINING, "iterations": 2}, **NO_LORA)
     _expect_refused(flux, "deeper.safetensors", "trained for", "blocks=5", "blocks=4")
     # wrong metadata: an unknown format version
     data = open(trained, "rb").read()
@@ -401,7 +402,7 @@ def test_cancel_stops_training_and_writes_nothing(flux, predictor_dir):
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             TokenCacheTrainPredictorNode.execute(flux, positive, negative, latent, filename="cancelled",
-                                                 sampler_name="euler", scheduler="simple", **TRAINING)
+                                                 sampler_name="euler", scheduler="simple", **TRAINING, **NO_LORA)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
