@@ -79,6 +79,7 @@ class _PStepRecorder:
         self._target = None
         self._cached = None
         self._tokens = None
+        self._txt_len = 0
         self._args = {}
 
     def install(self, model_patcher):
@@ -106,10 +107,8 @@ class _PStepRecorder:
             self._phase = None
         if self._target is not None and self._cached is not None and self._tokens is not None \
                 and len(self._args) == len(self.blocks):
-            first = self._args[self.blocks[0]]
             self.samples.append(LoRASample(float(t.flatten()[0]), self._tokens,
-                                           [self._args[b] for b in self.blocks],
-                                           self.adapter.text_length(first),
+                                           [self._args[b] for b in self.blocks], self._txt_len,
                                            list(transformer_options_of(args, kwargs).get("cond_or_uncond") or []),
                                            *self._target, self._cached))
         return out
@@ -126,6 +125,7 @@ class _PStepRecorder:
         if self._phase == "cached":
             if block_id == self.blocks[0]:
                 self._tokens = self.adapter.joint_tokens(block_id, args).detach().cpu().clone()
+                self._txt_len = self.adapter.text_length(args)
             # not copied: blocks update only their token inputs in place
             self._args[block_id] = _map({k: v for k, v in args.items() if k not in ("img", "txt")},
                                         lambda t: t.detach().cpu())

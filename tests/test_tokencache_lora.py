@@ -18,7 +18,9 @@ from dit_token_cache.accel_core.lora import BlockLoRA, LoRASpec, linear_layers
 from dit_token_cache.accel_core.predictor_file import PredictorFileError, load_lora, load_predictor, save_predictor
 from dit_token_cache.accel_core.schedule import StepKind
 from dit_token_cache.nodes.families import tokencache_adapter_for
-from dit_token_cache.nodes.lora_training import guided, new_lora
+from dit_token_cache.nodes.lora_training import (adapters_on, guided, lora_config, new_lora, protected_blocks,
+                                                 record_p_steps, refinement_loss)
+from dit_token_cache.nodes.predictor_training import TrainingSettings, _differentiable_ops
 from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
 from dit_token_cache.nodes.tokencache_nodes import FOLDER, TokenCacheNode, TokenCacheTrainPredictorNode
 
@@ -213,3 +215,25 @@ def test_guided_combines_batched_cond_and_uncond_only():
     assert torch.equal(guided(torch.cat((uncond, cond)), [1, 0], 4.0), 4.0 * cond)
     alone = torch.randn(2, 3, 4)
     assert torch.equal(guided(alone, [0], 4.0), alone)
+
+
+@pytest.mark.parametrize("protected", [2, 3])   # single blocks only; a double block and the single blocks
+def test_training_reproduces_the_cached_prediction_before_it_learns(flux, protected):
+    """Run from the recorded input of the first protected block, the blocks and
+    the output layer give what the cached run gave: with untrained adapters
+    each P-step's loss (its error relative to the cached run's) is exactly 1."""
+    adapter = _adapter(flux)
+    positive, negative = tiny_models.conditioning(FAMILY, flux)
+    latent = tiny_models.empty_latent(FAMILY, 64, 64)
+    settings = TrainingSettings(steps=6, cfg=2.0, cache_ratio=0.75, i_steps=3, protected_last_blocks=protected,
+                                lora_rank=4)
+    config = lora_config(settings)
+    samples = record_p_steps(flux, adapter, None, None, config, positive, negative, latent, settings, seed=4)
+    assert len(samples) == 6 - 3
+    lora = new_lora(adapter, protected, 4, seed=0)
+    blocks = protected_blocks(adapter, protected)
+    with torch.inference_mode(False), torch.no_grad(), _differentiable_ops(), \
+            adapters_on(flux.model.diffusion_model, lora):
+        for sample in samples:
+            loss = refinement_loss(adapter, sample, blocks, "cpu", sample.tokens.dtype, settings.cfg)
+            assert float(loss) == pytest.approx(1.0, abs=1e-4)
