@@ -113,7 +113,8 @@ class TokenCacheNode(io.ComfyNode):
                 io.Model.Input("model", tooltip="The diffusion transformer to accelerate. The input model is not changed."),
                 io.Combo.Input("predictor", options=[NO_PREDICTOR, *predictor_files()], default=NO_PREDICTOR,
                                tooltip="A predictor trained for this model (models/token_cache), or none for the "
-                                       "training-free fallback."),
+                                       "training-free fallback. Its LoRA adapters, if it has them, refine the last "
+                                       "blocks at P-steps."),
                 io.Float.Input("cache_ratio", default=0.9, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of (block, token) pairs that reuse the cache at a P-step, over all "
                                        "blocks but the protected last ones."),
@@ -160,8 +161,9 @@ class TokenCacheTrainPredictorNode(io.ComfyNode):
             display_name="TokenCache Train Predictor",
             category=CATEGORY,
             search_aliases=["train token cache", "token cache predictor", "cache predictor"],
-            description=("Trains a TokenCache predictor on your model, prompts and sampler (the model stays frozen) "
-                         "and writes it to models/token_cache/<filename>.safetensors. Cancel stops it and writes nothing."),
+            description=("Trains a TokenCache predictor on your model, prompts and sampler (the model stays frozen), "
+                         "then LoRA adapters that refine the last blocks under caching (lora_rank), and writes both to "
+                         "models/token_cache/<filename>.safetensors. Cancel stops it and writes nothing."),
             inputs=[
                 io.Model.Input("model", tooltip="The model the predictor is for (Flux family), without other caching."),
                 io.Conditioning.Input("positive"),
