@@ -271,6 +271,13 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
     if config.selector not in adapter.selectors:
         raise ValueError(f"selector={config.selector!r} is not available for {adapter.family} models "
                          f"(it needs the attention's keys and values); accepted: {', '.join(adapter.selectors)}")
+    if lora is not None:
+        unprotected = [b for b in lora.spec.blocks if b < adapter.block_count - config.protected_last_blocks]
+        if unprotected:
+            raise ValueError(f"{name}: the predictor's LoRA adapters refine blocks {list(lora.spec.blocks)}, which "
+                             f"must compute in full; protected_last_blocks={config.protected_last_blocks} leaves "
+                             f"{unprotected} cached: use protected_last_blocks >= "
+                             f"{adapter.block_count - min(lora.spec.blocks)}")
     patched = model.clone()
     earlier = patched.model_options["transformer_options"].get(SETTINGS_KEY)
     if earlier is not None:
@@ -280,13 +287,6 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
         show_on_node(node_id, message)
     settings = TokenCacheSettings(config, name, node_id, planner_args, calibration)
     patched.model_options["transformer_options"][SETTINGS_KEY] = settings
-    if lora is not None:
-        unprotected = [b for b in lora.spec.blocks if b < adapter.block_count - config.protected_last_blocks]
-        if unprotected:
-            raise ValueError(f"{name}: the predictor's LoRA adapters refine blocks {list(lora.spec.blocks)}, which "
-                             f"must compute in full; protected_last_blocks={config.protected_last_blocks} leaves "
-                             f"{unprotected} cached: use protected_last_blocks >= "
-                             f"{adapter.block_count - min(lora.spec.blocks)}")
     if config.caches_something:
         def install():
             hooks = PatchHooks(patched, settings)

@@ -25,7 +25,7 @@ CATEGORY = "sampling/token_cache"
 FOLDER = "token_cache"
 NO_PREDICTOR = "none"
 PLACEMENTS = ("measured", "predicted", "even")
-DEFAULT_LORA_RANK = 8   # on: +0.57 dB on the reference model at the same work (BENCHMARKS.md, issue 12)
+DEFAULT_LORA_RANK = 8   # on: +0.57 dB on the reference model for 2 % more work (BENCHMARKS.md, issue 12)
 MAX_NAME_BYTES = 255   # NAME_MAX of common file systems (ext4, NTFS, APFS)
 # reuse: I-steps lie far apart, and a trend carried from them was measured worse (BENCHMARKS.md)
 TOKENCACHE_FORECAST = "reuse"
