@@ -237,3 +237,24 @@ def test_training_reproduces_the_cached_prediction_before_it_learns(flux, protec
         for sample in samples:
             loss = refinement_loss(adapter, sample, blocks, "cpu", sample.tokens.dtype, settings.cfg)
             assert float(loss) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_with_adapters_runs_repeat_exactly_and_split_cfg_matches_batched(flux, trained):
+    def run():
+        (patched,) = TokenCacheNode.execute(flux, "tiny_flux_lora.safetensors", 0.75, 3, PROTECTED, 0.0, 1.0,
+                                            cache_precision="model").result
+        out = _sample(patched)
+        return out, patched.model_options["transformer_options"][SETTINGS_KEY].last_run
+    first, first_run = run()
+    assert torch.equal(first, run()[0])
+    usual = flux.model.memory_usage_factor
+    flux.model.memory_usage_factor = 1e15      # nothing fits: ComfyUI runs cond and uncond one at a time
+    try:
+        split, split_run = run()
+    finally:
+        flux.model.memory_usage_factor = usual
+    assert split_run.stats.evaluations == 2 * first_run.stats.evaluations
+    # the adapters did the same work either way, and the images agree to float rounding
+    assert first_run.stats.adapter_flops > 0
+    assert split_run.stats.adapter_flops == pytest.approx(first_run.stats.adapter_flops)
+    torch.testing.assert_close(split, first, rtol=1e-4, atol=1e-4)
