@@ -14,6 +14,7 @@ import math
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.func
 from torch import nn
 
 from .selectors import random_scores
@@ -126,6 +127,36 @@ def map_block_args(args: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> di
     """map_tensors over a block's inputs, leaving transformer_options (run
     settings the block reads, not per-row data) as they are."""
     return {k: v if k == "transformer_options" else map_tensors(v, fn) for k, v in args.items()}
+
+
+def copy_each_once() -> Callable[[torch.Tensor], torch.Tensor]:
+    """A copier for recorded tensors: copies made outside inference mode can be
+    used by autograd, and a tensor shared by several blocks (positions,
+    modulation) is copied once."""
+    copies = {}
+    return lambda t: copies[id(t)] if id(t) in copies else copies.setdefault(id(t), t.clone())
+
+
+def call_for_autograd(module: nn.Module, *args, **kwargs):
+    """module(*args, **kwargs) where autograd can reach the inputs: ComfyUI
+    loads weights in inference mode, and autograd cannot keep those for the
+    backward pass, so the call sees copies of them (made again when a
+    checkpointed backward pass recomputes the call)."""
+    copies = {name: p.clone() for name, p in module.named_parameters() if p.is_inference()}
+    return torch.func.functional_call(module, copies, args, kwargs)
+
+
+def training_step(optimizer: torch.optim.Optimizer, parameters, grads) -> None:
+    """One optimiser step with gradients computed by torch.autograd.grad (None: unused)."""
+    for parameter, grad in zip(parameters, grads):
+        parameter.grad = grad
+    optimizer.step()
+
+
+def loss_windows(losses: Sequence[float], window: int = 20) -> dict:
+    """Mean loss of the first and of the last `window` iterations."""
+    window = max(1, min(window, len(losses)))
+    return {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window}
 
 
 @dataclasses.dataclass

@@ -20,7 +20,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.func
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -29,6 +28,8 @@ import comfy.sample
 from ..accel_core.config import CacheConfig
 from ..accel_core.lora import BlockLoRA, LoRASpec, adapted_forward, linear_layers
 from ..accel_core.schedule import StepKind
+from ..accel_core.tokencache import (call_for_autograd, copy_each_once, loss_windows, map_block_args, map_tensors,
+                                     training_step)
 from .patcher import RUN_KEY, apply_token_cache, transformer_options_of
 
 RECORDER_KEY = "dit_token_cache_lora_recorder"
@@ -46,26 +47,12 @@ class LoRASample:
     cached: torch.Tensor     # [B, N, C] its result with the cache on and no adapters (CPU)
 
 
-def _map(value, fn):
-    """fn on every tensor in a block's inputs (transformer_options left as they are)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: v if k == "transformer_options" else _map(v, fn) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map(v, fn) for v in value)
-    return value
-
-
 def _usable(sample: LoRASample) -> LoRASample:
-    """Copies made outside inference mode, so autograd can use them; a tensor
-    shared by several blocks (positions, modulation) is copied once."""
-    memo = {}
-
-    def copy(t):
-        return memo[id(t)] if id(t) in memo else memo.setdefault(id(t), t.clone())
-    return LoRASample(sample.sigma, sample.tokens.clone(), _map(sample.block_args, copy), sample.txt_len,
-                      sample.chunks, _map(sample.output_inputs, copy), sample.target.clone(), sample.cached.clone())
+    """The sample's tensors copied outside inference mode (copy_each_once)."""
+    copy = copy_each_once()
+    return LoRASample(sample.sigma, sample.tokens.clone(), [map_block_args(args, copy) for args in sample.block_args],
+                      sample.txt_len, sample.chunks, map_tensors(sample.output_inputs, copy), sample.target.clone(),
+                      sample.cached.clone())
 
 
 class _PStepRecorder:
@@ -116,7 +103,7 @@ class _PStepRecorder:
     def _output(self, forward, tokens, *args, **kwargs):
         out = forward(tokens, *args, **kwargs)
         if self._phase == "target":
-            self._target = (_map((args, kwargs), lambda t: t.detach().cpu()), out.detach().cpu().clone())
+            self._target = (map_tensors((args, kwargs), lambda t: t.detach().cpu()), out.detach().cpu().clone())
         elif self._phase == "cached":
             self._cached = out.detach().cpu().clone()
         return out
@@ -127,8 +114,8 @@ class _PStepRecorder:
                 self._tokens = self.adapter.joint_tokens(block_id, args).detach().cpu().clone()
                 self._txt_len = self.adapter.text_length(args)
             # not copied: blocks update only their token inputs in place
-            self._args[block_id] = _map({k: v for k, v in args.items() if k not in ("img", "txt")},
-                                        lambda t: t.detach().cpu())
+            self._args[block_id] = map_block_args({k: v for k, v in args.items() if k not in ("img", "txt")},
+                                                  lambda t: t.detach().cpu())
         return call(args)
 
 
@@ -182,13 +169,6 @@ def adapters_on(diffusion_model, lora: BlockLoRA):
                 del module.forward
 
 
-def call_for_autograd(module, *args, **kwargs):
-    """module(*args, **kwargs) where autograd can reach the inputs: weights
-    ComfyUI loaded in inference mode are seen as copies."""
-    copies = {name: p.clone() for name, p in module.named_parameters() if p.is_inference()}
-    return torch.func.functional_call(module, copies, args, kwargs)
-
-
 def guided(out: torch.Tensor, chunks: list, cfg: float) -> torch.Tensor:
     """What the sampler uses of an evaluation's outputs: uncond + cfg (cond -
     uncond) where the evaluation holds both (batched CFG), else the outputs."""
@@ -208,10 +188,10 @@ def refinement_loss(adapter, sample: LoRASample, blocks: list, device, dtype, cf
     a large one at a noisy step that later steps correct anyway."""
     x = sample.tokens.to(device)
     for block_id, args in zip(blocks, sample.block_args):
-        args = _map(args, lambda t: t.to(device))
+        args = map_block_args(args, lambda t: t.to(device))
         x = x + adapter.block_contribution(block_id, x, args, sample.txt_len, dtype)
     target = sample.target.to(device).float()
-    args, kwargs = _map(sample.output_inputs, lambda t: t.to(device))
+    args, kwargs = map_tensors(sample.output_inputs, lambda t: t.to(device))
     output_layer = adapter.diffusion_model.get_submodule(adapter.output_layer)
     out = call_for_autograd(output_layer, x[:, -target.shape[1]:], *args, **kwargs)
     out, target = guided(out.float(), sample.chunks, cfg), guided(target, sample.chunks, cfg)
@@ -257,15 +237,11 @@ def train_lora(model, adapter, predictor, calibration, positive, negative, laten
             loss = refinement_loss(adapter, sample, blocks, device, dtype, settings.cfg)
             parameters = list(lora.parameters())
             grads = torch.autograd.grad(loss, parameters)
-        for parameter, grad in zip(parameters, grads):
-            parameter.grad = grad
-        optimizer.step()
+        training_step(optimizer, parameters, grads)
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(iteration + 1, settings.lora_iterations, losses[-1])
-    window = max(1, min(20, len(losses)))
-    summary = {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
-               "trajectories": trajectory}
+    summary = {**loss_windows(losses), "trajectories": trajectory}
     logging.info(f"TokenCache LoRA (rank {settings.lora_rank}, last {settings.protected_last_blocks} blocks): "
                  f"{settings.lora_iterations} iterations, loss {summary['first_loss']:.4f} -> "
                  f"{summary['final_loss']:.4f}")

@@ -30,7 +30,7 @@ import comfy.sample
 import comfy.utils
 
 from ..accel_core.tokencache import (CachePredictor, FirstBlockPredictor, PlanningInput, chained_reuse_loss,
-                                     map_block_args, soft_reuse_loss)
+                                     copy_each_once, loss_windows, map_block_args, soft_reuse_loss, training_step)
 from .families import tokencache_adapter_for
 from .lora_training import train_lora
 from .patcher import transformer_options_of
@@ -258,19 +258,13 @@ def calibrate(evaluations, predictor=None, device=None) -> dict:
     return calibration
 
 
-def _usable(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
-    """A copy made outside inference mode, so autograd can use it; a tensor
-    shared by several blocks (positions, modulation) is copied once."""
-    return memo[id(tensor)] if id(tensor) in memo else memo.setdefault(id(tensor), tensor.clone())
-
-
 def _recorded(model, positive, negative, latent, settings, seed, on_first=None):
     """A trajectory recorded without autograd, its tensors made usable by autograd."""
     with torch.inference_mode():
         evaluations, subset = record_trajectory(model, positive, negative, latent, settings, seed, on_first)
-    memo = {}
-    usable = [Evaluation(e.conds, e.sigma, e.inputs.map(lambda t: _usable(t, memo)), e.deltas.clone(),
-                         [map_block_args(args, lambda t: _usable(t, memo)) for args in e.block_args])
+    copy = copy_each_once()
+    usable = [Evaluation(e.conds, e.sigma, e.inputs.map(copy), e.deltas.clone(),
+                         [map_block_args(args, copy) for args in e.block_args])
               for e in evaluations]
     return usable, None if subset is None else subset.clone()
 
@@ -355,9 +349,7 @@ def _optimise(model, positive, negative, latent, settings, adapter, progress, no
             loss = _pair_loss(adapter, predictor, previous, current, settings, device, subset)
             # gradients for the predictor only: the frozen model's weights get none
             grads = torch.autograd.grad(loss, parameters, allow_unused=True)
-        for parameter, grad in zip(parameters, grads):
-            parameter.grad = grad
-        optimizer.step()
+        training_step(optimizer, parameters, grads)
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(iteration + 1, settings.iterations, losses[-1])
@@ -378,15 +370,13 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
                                                                     adapter, progress, notify or logging.info)
     predictor.eval()
     calibration = calibrate(last_evaluations, predictor, model.load_device)
-    window = max(1, min(20, len(losses)))
     metadata = {
         "family": adapter.family_key,
         "hidden_size": adapter.hidden,
         "blocks": adapter.block_count,
         "block_counts": {"double": len(adapter.double_blocks), "single": len(adapter.single_blocks)},
         "token_layout": TOKEN_LAYOUT,
-        "training": {**settings.__dict__, "trajectories": trajectory,
-                     "first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window},
+        "training": {**settings.__dict__, "trajectories": trajectory, **loss_windows(losses)},
         "calibration": calibration,
     }
     logging.info(f"TokenCache predictor ({settings.architecture}, {settings.objective}): {settings.iterations} "
@@ -402,12 +392,9 @@ def train_with_refinement(model, positive, negative, latent: dict, settings: Tra
     predictor. Returns (predictor, metadata, BlockLoRA or None); progress
     counts both phases."""
     settings.check()
-    adapter = tokencache_adapter_for(model)
     phases = 2 if settings.lora_rank else 1
-    if settings.lora_rank and not 1 <= settings.protected_last_blocks < adapter.block_count:
-        raise ValueError(f"TokenCache LoRA refinement: protected_last_blocks={settings.protected_last_blocks}; the "
-                         f"adapters go on the last blocks, and earlier ones must cache: use 1 to "
-                         f"{adapter.block_count - 1} for this model, or lora_rank 0")
+    if settings.lora_rank:
+        _check_refined_blocks(settings, tokencache_adapter_for(model))   # before the predictor's training, not after
 
     def phase(offset):
         if progress is None:
@@ -420,12 +407,20 @@ def train_with_refinement(model, positive, negative, latent: dict, settings: Tra
                                        phase(settings.iterations))
 
 
+def _check_refined_blocks(settings: TrainingSettings, adapter) -> None:
+    if not 1 <= settings.protected_last_blocks < adapter.block_count:
+        raise ValueError(f"TokenCache LoRA refinement: protected_last_blocks={settings.protected_last_blocks}; the "
+                         f"adapters go on the last blocks, and earlier ones must cache: use 1 to "
+                         f"{adapter.block_count - 1} for this model, or lora_rank 0")
+
+
 def refine(model, predictor, metadata: dict, positive, negative, latent: dict, settings: TrainingSettings,
            progress=None):
     """The LoRA refinement for a trained predictor (its file's metadata: the
     I-steps follow its measured calibration); the training summary goes into
     metadata["training"]["lora"]. Returns the BlockLoRA."""
     adapter = tokencache_adapter_for(model)
+    _check_refined_blocks(settings, adapter)
     calibration = metadata["calibration"]
     curve = calibration.get("measured", calibration.get("importance"))
     with torch.inference_mode(False), torch.enable_grad():

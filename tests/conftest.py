@@ -41,3 +41,15 @@ def tiny_model(model_dir):
     def load(family):
         return tiny_models.load(family, tiny_models.build_checkpoint(family, model_dir / f"{family}_tiny.safetensors"))
     return load
+
+
+@pytest.fixture(scope="module")
+def predictor_dir(tmp_path_factory):
+    """models/token_cache pointed at a fresh folder for the test module, restored after."""
+    import folder_paths
+    from dit_token_cache.nodes.tokencache_nodes import FOLDER
+    folder = tmp_path_factory.mktemp("token_cache")
+    paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
+    folder_paths.folder_names_and_paths[FOLDER] = ([str(folder)], extensions)
+    yield folder
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, extensions)

@@ -12,7 +12,6 @@ import torch
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
 import tiny_models
 
 from dit_token_cache.accel_core.config import CacheConfig
@@ -25,7 +24,7 @@ from dit_token_cache.nodes.duca_node import DEFAULT_PRECISION
 from dit_token_cache.nodes.predictor_training import (TrainingSettings, _differentiable_ops, _pairs, _recorded,
                                                       check_training_memory, recorded_bytes, train_predictor,
                                                       trajectory_bytes)
-from dit_token_cache.nodes.tokencache_nodes import FOLDER, TokenCacheNode, TokenCacheTrainPredictorNode, step_importance
+from dit_token_cache.nodes.tokencache_nodes import TokenCacheNode, TokenCacheTrainPredictorNode, step_importance
 
 FAMILY = "flux_schnell"
 STEPS = 8
@@ -37,15 +36,6 @@ NO_LORA = dict(lora_rank=0)   # the node's LoRA refinement has its own tests (te
 @pytest.fixture(scope="module")
 def flux(tiny_model):
     return tiny_model(FAMILY)
-
-
-@pytest.fixture(scope="module")
-def predictor_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("token_cache")
-    paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
-    folder_paths.folder_names_and_paths[FOLDER] = ([str(folder)], extensions)
-    yield folder
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, extensions)
 
 
 def _inputs(model):

@@ -10,7 +10,6 @@ import safetensors.torch
 import torch
 
 import comfy.sd
-import folder_paths
 import tiny_models
 
 from dit_token_cache.accel_core.config import CacheConfig
@@ -22,7 +21,7 @@ from dit_token_cache.nodes.lora_training import (adapters_on, guided, lora_confi
                                                  record_p_steps, refinement_loss)
 from dit_token_cache.nodes.predictor_training import TrainingSettings, _differentiable_ops
 from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
-from dit_token_cache.nodes.tokencache_nodes import FOLDER, TokenCacheNode, TokenCacheTrainPredictorNode
+from dit_token_cache.nodes.tokencache_nodes import TokenCacheNode, TokenCacheTrainPredictorNode
 
 FAMILY = "flux_schnell"
 STEPS = 8
@@ -35,15 +34,6 @@ CONFIG = CacheConfig(mode="tokencache", cache_ratio=0.75, i_steps=3, protected_l
 @pytest.fixture(scope="module")
 def flux(tiny_model):
     return tiny_model(FAMILY)
-
-
-@pytest.fixture(scope="module")
-def predictor_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("token_cache_lora")
-    paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
-    folder_paths.folder_names_and_paths[FOLDER] = ([str(folder)], extensions)
-    yield folder
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, extensions)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,8 @@
 PlanningInput (the first-block predictor's copy of the model's first block)
 and, for chained training, a block run that autograd can reach through."""
 import torch
-import torch.func
 
-from ...accel_core.tokencache import PlanningInput, map_block_args
+from ...accel_core.tokencache import PlanningInput, call_for_autograd, map_block_args
 from .flux_blocks import double_block_forward, double_token_mods, single_block_forward, single_mod, token_mods
 
 
@@ -32,14 +31,8 @@ class _BlockCall(torch.nn.Module):
 
 
 def run_block_for_autograd(kind, block, args):
-    """run_block where autograd can reach the inputs: ComfyUI loads weights
-    in inference mode, and autograd cannot keep those for the backward pass,
-    so the call sees copies of them (one block at a time, made again when the
-    backward pass recomputes the block)."""
-    copies = {f"block.{name}": p.clone() for name, p in block.named_parameters() if p.is_inference()}
-    if not copies:
-        return run_block(kind, block, args)
-    return torch.func.functional_call(_BlockCall(kind, block), copies, (args,))
+    """run_block where autograd can reach the inputs (call_for_autograd)."""
+    return call_for_autograd(_BlockCall(kind, block), args)
 
 
 class FirstBlockRunner:
