@@ -380,15 +380,16 @@ class CacheRun:
         self.last_selection[block_id] = index
         return index
 
-    def note_change(self, block_id: int, parts: Sequence[tuple]) -> None:
+    def note_change(self, block_id: int, parts: Sequence[tuple], tokens: Optional[int] = None) -> None:
         """Before a full step overwrites a block's cached outputs (name, fresh)
         pairs, in token order: how much each token changed since the last
-        computed step, the training-free TokenCache score."""
+        computed step, the training-free TokenCache score; for the first
+        `tokens` (the planning space) where given."""
         if self.planner is None or not self.planner.uses_changes:
             return
         if all(self.has(block_id, name) for name, _ in parts):
             change = torch.cat([change_importance(fresh, self.get(block_id, name, fresh.device)) for name, fresh in parts], dim=1)
-            self.put(block_id, "change", change)
+            self.put(block_id, "change", change if tokens is None else change[:, :tokens])
 
 
 def staleness_key(stream: int) -> str:

@@ -41,7 +41,7 @@ pack = import_pack()
 from dit_token_cache.accel_core import metrics  # noqa: E402
 from dit_token_cache.accel_core.lora import linear_layers  # noqa: E402
 from dit_token_cache.accel_core.predictor_file import load_lora, load_predictor  # noqa: E402
-from dit_token_cache.nodes.families import tokencache_adapter_for  # noqa: E402
+from dit_token_cache.nodes.families import adapter_for  # noqa: E402
 from dit_token_cache.nodes.tokencache_nodes import step_importance  # noqa: E402
 CacheConfig = pack.accel_core.CacheConfig
 patcher = pack.nodes.patcher
@@ -81,12 +81,12 @@ def tokencache(scoring, cache_ratio=0.9, i_steps=4, protected_last_blocks=2, pla
                          protected_last_blocks=protected_last_blocks, forecast=forecast)
 
     def build(model):
-        parts = tokencache_adapter_for(model).predictor_parts
+        parts = adapter_for(model).predictor_parts
         shipped, metadata = load_predictor(str(PREDICTOR_FILE), first_block=parts)
         calibration = step_importance(metadata["calibration"], placement)
         adapters = None
         if lora:
-            adapter = tokencache_adapter_for(model)
+            adapter = adapter_for(model)
             adapters = load_lora(str(LORA_FILE), lambda: linear_layers(adapter.block_paths()), adapter.block_count)
         if scoring in PREDICTORS:
             predictor = shipped if PREDICTORS[scoring] == PREDICTOR_FILE else \

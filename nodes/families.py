@@ -59,12 +59,3 @@ def adapter_for(model_patcher):
         f"({type(diffusion_model).__module__}.{type(diffusion_model).__name__}). "
         f"Supported families: {supported_families()}.")
 
-
-def tokencache_adapter_for(model_patcher):
-    """adapter_for, for a model TokenCache can drive; otherwise a ValueError that
-    points to DuCa."""
-    adapter = adapter_for(model_patcher)
-    if not adapter.tokencache:
-        raise ValueError(f"TokenCache supports the Flux family (Flux, Chroma, HunyuanVideo) so far, not "
-                         f"{adapter.family}; use DuCa Cache for {adapter.family} models")
-    return adapter

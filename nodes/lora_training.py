@@ -38,7 +38,7 @@ RECORDER_KEY = "dit_token_cache_lora_recorder"
 @dataclass
 class LoRASample:
     sigma: float
-    tokens: torch.Tensor     # [B, L, D] entering the first protected block in the cached run (CPU)
+    tokens: torch.Tensor     # [B, L, D] entering the first protected block in the cached run, planning space (CPU)
     block_args: list         # each protected block's other inputs (CPU)
     txt_len: int
     chunks: list             # cond_or_uncond of the evaluation: 0 cond, 1 uncond, one per batch chunk
@@ -67,10 +67,11 @@ class _PStepRecorder:
         self._cached = None
         self._tokens = None
         self._txt_len = 0
+        self._count = None             # tokens in the planning space (from the first block)
         self._args = {}
 
     def install(self, model_patcher):
-        for block_id in self.blocks:
+        for block_id in sorted({0, *self.blocks}):
             self.adapter.wrap_block(model_patcher, block_id, functools.partial(self._block, block_id))
         name = f"diffusion_model.{self.adapter.output_layer}.forward"
         model_patcher.add_object_patch(name, functools.partial(self._output, model_patcher.get_model_object(name)))
@@ -110,12 +111,15 @@ class _PStepRecorder:
 
     def _block(self, block_id, call, args):
         if self._phase == "cached":
+            if block_id == 0:
+                self._count = self.adapter.tokens_in(0, args).shape[1]
             if block_id == self.blocks[0]:
-                self._tokens = self.adapter.joint_tokens(block_id, args).detach().cpu().clone()
+                self._tokens = self.adapter.tokens_in(block_id, args, self._count).detach().cpu().clone()
                 self._txt_len = self.adapter.text_length(args)
-            # not copied: blocks update only their token inputs in place
-            self._args[block_id] = map_block_args({k: v for k, v in args.items() if k not in ("img", "txt")},
-                                                  lambda t: t.detach().cpu())
+            if block_id in self.blocks:
+                # not copied: blocks update only their token inputs in place
+                self._args[block_id] = map_block_args(self.adapter.rest_of_inputs(block_id, args, self._count),
+                                                      lambda t: t.detach().cpu())
         return call(args)
 
 
@@ -193,7 +197,7 @@ def refinement_loss(adapter, sample: LoRASample, blocks: list, device, dtype, cf
     target = sample.target.to(device).float()
     args, kwargs = map_tensors(sample.output_inputs, lambda t: t.to(device))
     output_layer = adapter.diffusion_model.get_submodule(adapter.output_layer)
-    out = call_for_autograd(output_layer, x[:, -target.shape[1]:], *args, **kwargs)
+    out = call_for_autograd(output_layer, adapter.output_tokens(x, target.shape[1]), *args, **kwargs)
     out, target = guided(out.float(), sample.chunks, cfg), guided(target, sample.chunks, cfg)
     cached = guided(sample.cached.to(device).float(), sample.chunks, cfg)
     return (out - target).pow(2).mean() / (cached - target).pow(2).mean().clamp_min(1e-12)
@@ -236,7 +240,8 @@ def train_lora(model, adapter, predictor, calibration, positive, negative, laten
         with differentiable(), adapters_on(diffusion_model, lora):
             loss = refinement_loss(adapter, sample, blocks, device, dtype, settings.cfg)
             parameters = list(lora.parameters())
-            grads = torch.autograd.grad(loss, parameters)
+            # adapters on layers the output layer does not depend on (the last block's text MLP) get none
+            grads = torch.autograd.grad(loss, parameters, allow_unused=True)
         training_step(optimizer, parameters, grads)
         losses.append(float(loss.detach()))
         if progress is not None:

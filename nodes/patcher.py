@@ -19,7 +19,7 @@ from ..accel_core.lora import adapted_forward
 from ..accel_core.run import CacheRun
 from ..accel_core.schedule import StepKind
 from ..accel_core.tokencache import TokenPlanner, importance_curve
-from .families import adapter_for, tokencache_adapter_for
+from .families import adapter_for
 
 WRAPPER_KEY = "dit_token_cache"
 SETTINGS_KEY = "dit_token_cache"      # in transformer_options: this model's TokenCacheSettings
@@ -264,7 +264,7 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
     at random ("random", a baseline for comparisons); `lora` (BlockLoRA) the
     refinement adapters of its protected last blocks. A model that already
     carries a token cache gets this one instead: the last node wins."""
-    adapter = tokencache_adapter_for(model) if config.mode == "tokencache" else adapter_for(model)
+    adapter = adapter_for(model)
     planner_args = None
     if config.mode == "tokencache":
         planner_args = (adapter.block_count, predictor, fallback)

@@ -1,8 +1,11 @@
 """Training a TokenCache predictor on the user's own model, prompts and sampler.
 
-The diffusion model stays frozen: block-replace patches on a clone record, at
-every model evaluation of a real ComfyUI sampling run, the first block's
-inputs and every block's residual contribution f_l(x) = block(x) - x.
+The diffusion model stays frozen: the family adapter's block wrappers on a
+clone record, at every model evaluation of a real ComfyUI sampling run, the
+first block's inputs and every block's residual contribution
+f_l(x) = block(x) - x in TokenCache's planning space (the adapter's
+token_layout: cat(txt, img) for the Flux family, the image/video tokens for
+the others).
 Consecutive evaluations of the same conds give (current, previous) pairs.
 
 Two objectives (accel_core.tokencache):
@@ -19,6 +22,7 @@ scoring head (the paper's), and "mlp_mixer", small and family-free.
 Each trajectory uses a new noise seed.
 """
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -31,11 +35,10 @@ import comfy.utils
 
 from ..accel_core.tokencache import (CachePredictor, FirstBlockPredictor, PlanningInput, chained_reuse_loss,
                                      copy_each_once, loss_windows, map_block_args, soft_reuse_loss, training_step)
-from .families import tokencache_adapter_for
+from .families import adapter_for
 from .lora_training import train_lora
 from .patcher import transformer_options_of
 
-TOKEN_LAYOUT = "cat(txt, img): the tokens entering the first double-stream block"
 ARCHITECTURES = ("first_block", "mlp_mixer")
 OBJECTIVES = ("chained", "first_order")
 BLOCK_LR_SCALE = 0.1   # the copied block starts from trained weights: it moves slower than the new head
@@ -83,8 +86,8 @@ class Evaluation:
 
 
 class _Recorder:
-    """Block-replace patches and an APPLY_MODEL wrapper that record one
-    sampling run's evaluations. `subset_size` None keeps every token."""
+    """Block wrappers (the family adapter's) and an APPLY_MODEL wrapper that
+    record one sampling run's evaluations. `subset_size` None keeps every token."""
 
     def __init__(self, adapter, subset_size, generator: torch.Generator, on_first=None):
         self.adapter = adapter
@@ -95,14 +98,13 @@ class _Recorder:
         self.evaluations = []
         self._sigma = None
         self._inputs = None
+        self._count = None         # tokens in the planning space at this evaluation
         self._deltas = []
         self._block_args = []
 
     def install(self, model_patcher):
-        for i in range(len(self.adapter.double_blocks)):
-            model_patcher.set_model_patch_replace(self._double, "dit", "double_block", i)
-        for i in range(len(self.adapter.single_blocks)):
-            model_patcher.set_model_patch_replace(self._single, "dit", "single_block", i)
+        for block_id in range(self.adapter.block_count):
+            self.adapter.wrap_block(model_patcher, block_id, functools.partial(self._block, block_id))
         model_patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "dit_token_cache_recorder",
                                            self._evaluation)
 
@@ -119,32 +121,25 @@ class _Recorder:
                 self.on_first(self.evaluations[0])
         return out
 
-    def _keep(self, args, joint_in, joint_out):
+    def _block(self, block_id, call, args):
+        kept = self.adapter.copy_tokens(block_id, args)
+        out = call(args)
+        if block_id == 0:
+            self._count = self.adapter.tokens_in(0, kept).shape[1]
+        joint_in = self.adapter.tokens_in(block_id, kept, self._count)
+        joint_out = self.adapter.tokens_out(block_id, out, self._count)
         if self._inputs is None:
             if self.subset_size is not None and (self.subset is None or self.subset.numel() > joint_in.shape[1]):
                 count = min(self.subset_size, joint_in.shape[1])
                 self.subset = torch.randperm(joint_in.shape[1], generator=self.generator)[:count].sort().values
-            tokens = {k: args[k].detach().cpu() for k in ("img", "txt") if k in args}
-            self._inputs = PlanningInput(joint_in.detach().cpu(), {**args, **tokens})
+            self._inputs = PlanningInput(joint_in.detach().cpu(), map_block_args(kept, lambda t: t.detach().cpu()))
         if self.subset_size is None:
             delta = joint_out - joint_in
-            self._block_args.append({k: v for k, v in args.items() if k not in ("img", "txt")})
+            self._block_args.append(self.adapter.rest_of_inputs(block_id, kept, self._count))
         else:
             subset = self.subset.to(joint_in.device)
             delta = joint_out[:, subset] - joint_in[:, subset]
         self._deltas.append(delta.detach().cpu())
-
-    def _double(self, args, extra):
-        # ComfyUI's blocks add to their inputs in place: keep copies
-        kept = {**args, "img": args["img"].clone(), "txt": args["txt"].clone()}
-        out = extra["original_block"](args)
-        self._keep(kept, torch.cat((kept["txt"], kept["img"]), dim=1), torch.cat((out["txt"], out["img"]), dim=1))
-        return out
-
-    def _single(self, args, extra):
-        kept = {**args, "img": args["img"].clone()}
-        out = extra["original_block"](args)
-        self._keep(kept, kept["img"], out["img"])
         return out
 
 
@@ -209,7 +204,7 @@ def memory_check(settings: TrainingSettings, latent: dict, notify):
 def record_trajectory(model, positive, negative, latent: dict, settings: TrainingSettings, seed: int,
                       on_first=None):
     """Evaluations of one real sampling run (uncached) with noise seed `seed`."""
-    adapter = tokencache_adapter_for(model)
+    adapter = adapter_for(model)
     subset_size = None if settings.objective == "chained" else settings.max_tokens
     recorder = _Recorder(adapter, subset_size, torch.Generator().manual_seed(seed), on_first)
     recording = model.clone()
@@ -298,7 +293,7 @@ def _pair_loss(adapter, predictor, previous, current, settings, device, subset):
     start = inputs.tokens
     fresh = current.deltas.to(device)
     target = start.float() + fresh.float().sum(dim=1)
-    txt_len = inputs.block_args["txt"].shape[1] if "txt" in inputs.block_args else 0
+    txt_len = adapter.text_length(inputs.block_args)
 
     def run_block(block_id, x):
         return adapter.block_contribution(block_id, x, current.block_args[block_id], txt_len, start.dtype)
@@ -356,6 +351,19 @@ def _optimise(model, positive, negative, latent, settings, adapter, progress, no
     return predictor, losses, trajectory, last_evaluations
 
 
+def check_family(settings: TrainingSettings, adapter) -> None:
+    """Refuse, before anything runs, what needs a backward pass through blocks that cannot give one."""
+    if adapter.autograd_through_blocks:
+        return
+    needs = [choice for choice, used in (("architecture first_block", settings.architecture == "first_block"),
+                                         ("objective chained", settings.objective == "chained"),
+                                         (f"lora_rank {settings.lora_rank}", settings.lora_rank > 0)) if used]
+    if needs:
+        raise ValueError(f"TokenCache training: {adapter.family} blocks update their tensors in place, so autograd "
+                         f"cannot run through them, which {', '.join(needs)} need; use architecture mlp_mixer, "
+                         "objective first_order and lora_rank 0")
+
+
 def train_predictor(model, positive, negative, latent: dict, settings: TrainingSettings, progress=None, notify=None):
     """Train a predictor for `model`; returns (predictor on the CPU, metadata for
     the file). `progress(iteration, total, loss)` is called after every
@@ -363,7 +371,8 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
     which refuses a setting that would not fit after the first model
     evaluation); ComfyUI's cancel raises out of here between iterations."""
     settings.check()
-    adapter = tokencache_adapter_for(model)
+    adapter = adapter_for(model)
+    check_family(settings, adapter)
     # ComfyUI runs nodes under inference mode: the predictor trains outside it
     with torch.inference_mode(False), torch.enable_grad():
         predictor, losses, trajectory, last_evaluations = _optimise(model, positive, negative, latent, settings,
@@ -374,8 +383,8 @@ def train_predictor(model, positive, negative, latent: dict, settings: TrainingS
         "family": adapter.family_key,
         "hidden_size": adapter.hidden,
         "blocks": adapter.block_count,
-        "block_counts": {"double": len(adapter.double_blocks), "single": len(adapter.single_blocks)},
-        "token_layout": TOKEN_LAYOUT,
+        "block_counts": adapter.block_layout(),
+        "token_layout": adapter.token_layout,
         "training": {**settings.__dict__, "trajectories": trajectory, **loss_windows(losses)},
         "calibration": calibration,
     }
@@ -392,9 +401,10 @@ def train_with_refinement(model, positive, negative, latent: dict, settings: Tra
     predictor. Returns (predictor, metadata, BlockLoRA or None); progress
     counts both phases."""
     settings.check()
+    check_family(settings, adapter_for(model))
     phases = 2 if settings.lora_rank else 1
     if settings.lora_rank:
-        _check_refined_blocks(settings, tokencache_adapter_for(model))   # before the predictor's training, not after
+        _check_refined_blocks(settings, adapter_for(model))   # before the predictor's training, not after
 
     def phase(offset):
         if progress is None:
@@ -419,7 +429,8 @@ def refine(model, predictor, metadata: dict, positive, negative, latent: dict, s
     """The LoRA refinement for a trained predictor (its file's metadata: the
     I-steps follow its measured calibration); the training summary goes into
     metadata["training"]["lora"]. Returns the BlockLoRA."""
-    adapter = tokencache_adapter_for(model)
+    adapter = adapter_for(model)
+    check_family(settings, adapter)
     _check_refined_blocks(settings, adapter)
     calibration = metadata["calibration"]
     curve = calibration.get("measured", calibration.get("importance"))
@@ -436,8 +447,8 @@ def refine(model, predictor, metadata: dict, positive, negative, latent: dict, s
 
 def predictor_expectations(adapter) -> dict:
     """What a predictor file must have been trained for to drive the model of
-    `adapter` (tokencache_adapter_for)."""
+    `adapter` (adapter_for)."""
     # files written before families had keys name the family by its label
     return {"family": (adapter.family_key, adapter.family), "hidden_size": adapter.hidden,
-            "blocks": adapter.block_count, "token_layout": TOKEN_LAYOUT}
+            "blocks": adapter.block_count, "token_layout": adapter.token_layout}
 

@@ -17,7 +17,7 @@ from ..accel_core.lora import linear_layers
 from ..accel_core.predictor_file import PredictorFileError, load_lora, load_predictor, save_predictor
 from ..reference.model import PREDICTOR_DIR
 from .patcher import apply_token_cache, show_on_node
-from .families import tokencache_adapter_for
+from .families import adapter_for
 from .predictor_training import (ARCHITECTURES, OBJECTIVES, TrainingSettings, predictor_expectations,
                                  train_with_refinement)
 
@@ -66,7 +66,7 @@ def predictor_files() -> list:
 
 def load_for_model(model, name: str):
     """(predictor, calibration, LoRA adapters or None) from models/token_cache/<name>, checked against `model`."""
-    adapter = tokencache_adapter_for(model)
+    adapter = adapter_for(model)
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
         raise ValueError(f"TokenCache predictor {name!r} not found in {folder_paths.get_folder_paths(FOLDER)}; "

@@ -38,7 +38,7 @@ from pack_loader import import_pack  # noqa: E402
 
 pack = import_pack()
 from dit_token_cache.accel_core.predictor_file import load_predictor, save_predictor  # noqa: E402
-from dit_token_cache.nodes.families import tokencache_adapter_for  # noqa: E402
+from dit_token_cache.nodes.families import adapter_for  # noqa: E402
 from dit_token_cache.nodes.predictor_training import (ARCHITECTURES, OBJECTIVES, TrainingSettings,  # noqa: E402
                                                        predictor_expectations, refine, train_with_refinement)
 from reference import codec, shapes  # noqa: E402
@@ -107,7 +107,7 @@ def main():
     if args.from_predictor:
         if not args.lora_rank:
             parser.error("--from-predictor trains the LoRA only: give --lora-rank")
-        adapter = tokencache_adapter_for(model)
+        adapter = adapter_for(model)
         predictor, metadata = load_predictor(str(args.from_predictor), expect=predictor_expectations(adapter),
                                              first_block=adapter.predictor_parts)
         metadata = {key: value for key, value in metadata.items() if key not in ("format", "format_version", "predictor")}

@@ -11,7 +11,7 @@ from flux_block_checks import duca, stats_of
 
 from dit_token_cache.accel_core.config import CacheConfig
 from dit_token_cache.accel_core.tokencache import CachePredictor, FirstBlockPredictor
-from dit_token_cache.nodes.families import tokencache_adapter_for
+from dit_token_cache.nodes.families import adapter_for
 from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
 from dit_token_cache.nodes.tokencache_nodes import TokenCacheNode
 
@@ -117,7 +117,7 @@ def test_tokencache_predictor_plans_each_text_length(one_and_one, architecture):
     if architecture == "mlp_mixer":
         predictor = CachePredictor(hidden, blocks)
     else:
-        block, runner, kind = tokencache_adapter_for(one_and_one).predictor_parts()
+        block, runner, kind = adapter_for(one_and_one).predictor_parts()
         predictor = FirstBlockPredictor(block, runner, hidden, blocks, kind)
     config = CacheConfig(mode="tokencache", cache_ratio=RATIO, i_steps=4, protected_last_blocks=protected)
     positive, negative = _conditioning(one_and_one)

@@ -18,7 +18,7 @@ from dit_token_cache.accel_core.config import CacheConfig
 from dit_token_cache.accel_core.predictor_file import load_predictor, save_predictor
 from dit_token_cache.accel_core.schedule import StepKind
 from dit_token_cache.accel_core.tokencache import allocate_tokens, chained_reuse_loss, importance_curve, place_i_steps
-from dit_token_cache.nodes.families import tokencache_adapter_for
+from dit_token_cache.nodes.families import adapter_for
 from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
 from dit_token_cache.nodes.duca_node import DEFAULT_PRECISION
 from dit_token_cache.nodes.predictor_training import (TrainingSettings, _differentiable_ops, _pairs, _recorded,
@@ -52,7 +52,7 @@ def trained(flux, predictor_dir):
 
 
 def _load(model, path):
-    return load_predictor(path, first_block=tokencache_adapter_for(model).predictor_parts)
+    return load_predictor(path, first_block=adapter_for(model).predictor_parts)
 
 
 def _run(model, predictor="none", cache_ratio=0.75, i_steps=3, protected_last_blocks=1, placement="measured",
@@ -111,7 +111,7 @@ def test_learned_plan_differs_from_fallback_and_does_the_asked_work(flux, traine
     # the predictor's work counts: a copy of the first block, once per P-step on the first cond's row
     predictor = learned_run.planner.predictor
     assert learned_run.stats.predictor_flops == pytest.approx((STEPS - 3) * predictor.flops(tokens))
-    assert predictor.flops(tokens) > tokencache_adapter_for(flux).double_mlp_flops * tokens
+    assert predictor.flops(tokens) > adapter_for(flux).double_mlp_flops * tokens
     assert fallback_run.stats.predictor_flops == 0
 
 
@@ -200,7 +200,7 @@ def test_chained_objective_runs_the_model_blocks(flux):
     recorded full run; reusing every token costs what the recorded stale
     contributions cost once they run through the later blocks."""
     positive, negative, latent = _inputs(flux)
-    adapter = tokencache_adapter_for(flux)
+    adapter = adapter_for(flux)
     evaluations, _ = _recorded(flux, positive, negative, latent, TrainingSettings(**TRAINING), seed=5)
     previous, current = _pairs(evaluations)[2]
     start = current.inputs.tokens
@@ -374,7 +374,7 @@ def test_settings_that_turn_caching_off_say_so_on_the_node(flux):
     assert run.stats.counts()["conservative"] == 0
     headline = run.stats.headline("TokenCache")
     assert f"caching is off: i_steps={STEPS} covers all {STEPS} steps" in headline, headline
-    blocks = tokencache_adapter_for(flux).block_count
+    blocks = adapter_for(flux).block_count
     _, run = _run(flux, protected_last_blocks=blocks)
     assert f"protected_last_blocks={blocks} covers all {blocks} blocks" in run.stats.headline("TokenCache")
     _, run = _run(flux, protected_last_blocks=blocks - 1)
@@ -399,12 +399,6 @@ def test_cancel_stops_training_and_writes_nothing(flux, predictor_dir):
     assert not any(p.name.startswith("cancelled") or p.name.startswith(".cancelled") for p in predictor_dir.iterdir())
 
 
-def test_tokencache_refuses_families_it_does_not_cover_yet(tiny_model):
-    wan = tiny_model("wan_t2v")
-    with pytest.raises(ValueError, match="TokenCache supports the Flux family.*not Wan"):
-        apply_token_cache(wan, CacheConfig(mode="tokencache"))
-
-
 def test_training_memory_is_estimated_and_a_setting_that_does_not_fit_is_refused(flux):
     positive, negative, latent = _inputs(flux)
     settings = TrainingSettings(**TRAINING)
@@ -415,7 +409,7 @@ def test_training_memory_is_estimated_and_a_setting_that_does_not_fit_is_refused
     # steps x rows x blocks x tokens x hidden values
     estimate = trajectory_bytes(evaluations[0], settings, rows_per_step)
     assert estimate == pytest.approx(kept, rel=0.01)
-    adapter = tokencache_adapter_for(flux)
+    adapter = adapter_for(flux)
     block_outputs = 6 * rows_per_step * adapter.block_count * 32 * adapter.hidden * evaluations[0].deltas.element_size()
     assert block_outputs < estimate < 2 * block_outputs   # the rest: the first block's inputs, positions
     text = check_training_memory(evaluations[0], settings, rows_per_step, free_bytes=2**40)

@@ -16,7 +16,7 @@ from dit_token_cache.accel_core.config import CacheConfig
 from dit_token_cache.accel_core.lora import BlockLoRA, LoRASpec, linear_layers
 from dit_token_cache.accel_core.predictor_file import PredictorFileError, load_lora, load_predictor, save_predictor
 from dit_token_cache.accel_core.schedule import StepKind
-from dit_token_cache.nodes.families import tokencache_adapter_for
+from dit_token_cache.nodes.families import adapter_for
 from dit_token_cache.nodes.lora_training import (adapters_on, guided, lora_config, new_lora, protected_blocks,
                                                  record_p_steps, refinement_loss)
 from dit_token_cache.nodes.predictor_training import TrainingSettings, _differentiable_ops
@@ -48,7 +48,7 @@ def trained(flux, predictor_dir):
 
 
 def _adapter(model):
-    return tokencache_adapter_for(model)
+    return adapter_for(model)
 
 
 def _load_lora(model, path):

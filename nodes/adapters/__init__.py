@@ -1,31 +1,64 @@
 """One adapter per model family: how to run that family's blocks on a token
 subset. The run (accel_core.run.CacheRun) decides what each step computes;
 an adapter computes what it is told, through the family's own submodules."""
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
+
+import torch
 
 
 class Adapter(Protocol):
-    """What a family adapter provides (FluxFamilyAdapter, ModulewiseAdapter)."""
+    """What a family adapter provides (FluxFamilyAdapter, ModulewiseAdapter):
+    DuCa needs install(); TokenCache, its predictor training and its LoRA
+    refinement need the rest. TokenCache plans in one token space per family
+    (token_layout): block_args is a block call as the adapter represents it."""
     family: str                  # the name users know, for messages
     family_key: str              # stable key (nodes/families.py), written into predictor files
     selectors: Sequence[str]     # token selectors it can score
-    tokencache: bool             # whether TokenCache can drive it (TokenCacheAdapter)
+    token_layout: str            # TokenCache's planning space, written into predictor files
+    hidden: int                  # width of the tokens in that space
+    block_count: int
+    output_layer: str            # module after the blocks that the LoRA refinement is trained through
+    first_block_kind: str        # what a first-block predictor copies, checked when its file is loaded
+    autograd_through_blocks: bool  # whether training can backpropagate through the blocks (chained, first_block, LoRA)
 
     def install(self, model_patcher, hooks) -> None:
         """Patch the cloned ModelPatcher so its blocks hand their work to the run
-        under way (hooks: nodes.patcher.PatchHooks)."""
+        under way (hooks: nodes.patcher.PatchHooks); at the first block, call
+        run.plan_tokens with the planning space's tokens."""
 
-
-class TokenCacheAdapter(Adapter, Protocol):
-    """An adapter TokenCache can drive: it plans at the first block and trains predictors."""
-    hidden: int                  # hidden size of the tokens entering the first block
-    block_count: int
-
-    def planning_input(self, args):
-        """What the first block got, as accel_core.tokencache.PlanningInput."""
+    def predictor_block(self, for_training: bool = True) -> torch.nn.Module:
+        """A float32 CPU copy of the first block, for a first-block predictor."""
 
     def predictor_parts(self):
         """(a copy of the first block, its runner, its kind) for a first-block predictor."""
 
-    def block_contribution(self, block_id, x, args, txt_len, dtype):
+    def block_layout(self) -> dict:
+        """Blocks per kind, for the predictor file."""
+
+    def block_paths(self) -> list:
+        """(path in the diffusion model, block) per block, in the run's numbering."""
+
+    def wrap_block(self, model_patcher, block_id: int, wrapper) -> None:
+        """wrapper(call, block_args) -> output around a block of the clone."""
+
+    def copy_tokens(self, block_id: int, block_args) -> dict:
+        """block_args with the token inputs copied (blocks may update them in place)."""
+
+    def tokens_in(self, block_id: int, block_args, count: Optional[int] = None) -> torch.Tensor:
+        """The planning-space tokens of a block's input (the first `count`)."""
+
+    def tokens_out(self, block_id: int, output, count: Optional[int] = None) -> torch.Tensor:
+        """The same tokens of its output."""
+
+    def rest_of_inputs(self, block_id: int, block_args, count: Optional[int]) -> dict:
+        """Its inputs besides those tokens, for block_contribution."""
+
+    def text_length(self, block_args) -> int:
+        """Text tokens at the start of the planning space."""
+
+    def output_tokens(self, x: torch.Tensor, count: int) -> torch.Tensor:
+        """The `count` tokens of the last block's output that the output layer reads."""
+
+    def block_contribution(self, block_id: int, x: torch.Tensor, block_args, txt_len: int,
+                           dtype: torch.dtype) -> torch.Tensor:
         """f_l(x) = block(x) - x through the model's own block, for chained training."""

@@ -29,8 +29,9 @@ class FluxFamilyAdapter:
 
     family_key = ""   # set by families.adapter_for
     selectors = SELECTORS
-    tokencache = True   # TokenCache plans from the first block's input, cat(txt, img)
+    token_layout = "cat(txt, img): the tokens entering the first double-stream block"
 
+    autograd_through_blocks = True
     output_layer = "final_layer"   # reads the last block's image tokens: what LoRA refinement is trained against
 
     def __init__(self, diffusion_model, family: str):
@@ -113,14 +114,32 @@ class FluxFamilyAdapter:
             return wrapper(extra["original_block"], args)
         model_patcher.set_model_patch_replace(replacement, "dit", *key)
 
-    def joint_tokens(self, block_id: int, args_or_output) -> torch.Tensor:
-        """cat(txt, img) of a block's input or output dict (a single block's img is joint already)."""
+    def block_layout(self) -> dict:
+        return {"double": len(self.double_blocks), "single": len(self.single_blocks)}
+
+    def tokens_in(self, block_id: int, args: dict, count=None) -> torch.Tensor:
+        """cat(txt, img) of a block's input dict (a single block's img is joint
+        already): the whole planning space, so `count` changes nothing."""
         if block_id < len(self.double_blocks):
-            return torch.cat((args_or_output["txt"], args_or_output["img"]), dim=1)
-        return args_or_output["img"]
+            return torch.cat((args["txt"], args["img"]), dim=1)
+        return args["img"]
+
+    def tokens_out(self, block_id: int, output: dict, count=None) -> torch.Tensor:
+        return self.tokens_in(block_id, output)
+
+    def copy_tokens(self, block_id: int, args: dict) -> dict:
+        """args with the token inputs copied (ComfyUI's blocks add to them in place)."""
+        return {**args, **{k: args[k].clone() for k in ("img", "txt") if k in args}}
+
+    def rest_of_inputs(self, block_id: int, args: dict, count=None) -> dict:
+        return {k: v for k, v in args.items() if k not in ("img", "txt")}
 
     def text_length(self, args) -> int:
         return args["txt"].shape[1] if "txt" in args else 0
+
+    def output_tokens(self, x: torch.Tensor, count: int) -> torch.Tensor:
+        """The tokens the output layer reads: the image tokens, after the text."""
+        return x[:, -count:]
 
     def block_contribution(self, block_id: int, x: torch.Tensor, args: dict, txt_len: int,
                            dtype: torch.dtype) -> torch.Tensor:

@@ -26,9 +26,9 @@ def adapter(diffusion_model, family):
             CachedModule("block.attn1", REUSE),
             CachedModule("block.ff_i", SUBSET),
             CachedModule("block.ff_t", SUBSET, stream=1),
-        ), _skipped_double_block),
+        ), _skipped_double_block, token_input=(0, "image_tokens"), token_output=0),
         BlockGroup("single_stream_blocks", (
             CachedModule("block.attn1", REUSE),
             CachedModule("block.ff_i", SUBSET),
-        ), _skipped_single_block),
-    ])
+        ), _skipped_single_block, token_input=(0, "image_tokens")),
+    ], output_layer="final_layer")

@@ -16,14 +16,22 @@ included. A family adapter only declares which submodules play which role:
 
 Aggressive steps skip the blocks: each returns its input, the last one its
 output estimated from the last computed steps.
+
+TokenCache plans in the space of the image/video tokens entering the first
+block (each group says where a block gets and returns them): a P-step's plan
+picks those tokens per block; a second token stream (text) and tokens a block
+gets after them (HiDream's single blocks append text) are recomputed whole.
 """
+import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 
 from ...accel_core.run import BlockMode, staleness_key
+from ...accel_core.tokencache import PlanningInput, call_for_autograd, map_block_args
 
 REUSE, SUBSET = "reuse", "subset"
 SELECTORS = ("random", "similarity")
@@ -44,6 +52,50 @@ class BlockGroup:
     path: str                                   # ModuleList in the diffusion model, e.g. "blocks"
     modules: Sequence[CachedModule]
     passthrough: Callable[[tuple, dict], Any]   # what a block returns when skipped: its input, in its output structure
+    token_input: tuple = (0, "x")               # (position, keyword) of the image/video tokens in a block call
+    token_output: Optional[int] = None          # their place in the block's output tuple (None: the output is them)
+
+
+POSITIONAL = "positional_args"   # a block call as one dict (TokenCache's block args): positional args + keywords
+
+
+def call_dict(args, kwargs) -> dict:
+    return {POSITIONAL: tuple(args), **kwargs}
+
+
+def split_call(block_args: dict):
+    return block_args[POSITIONAL], {k: v for k, v in block_args.items() if k != POSITIONAL}
+
+
+def _tokens_of(args, kwargs, slot):
+    position, name = slot
+    return args[position] if len(args) > position else kwargs[name]
+
+
+def _with_tokens(args, kwargs, slot, x):
+    position, name = slot
+    if len(args) > position:
+        return (*args[:position], x, *args[position + 1:]), kwargs
+    return args, {**kwargs, name: x}
+
+
+class _ClassForward(torch.nn.Module):
+    """A block run by its class's own forward: object patches on the block
+    instance (a recorder's, a cache's) are not in the way."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, args, kwargs):
+        return type(self.block).forward(self.block, *args, **kwargs)
+
+
+def _strip_instance_forwards(module: torch.nn.Module) -> torch.nn.Module:
+    """A copied block loses the object patches that were applied to the model it came from."""
+    for child in module.modules():
+        child.__dict__.pop("forward", None)
+    return module
 
 
 def block_input(args, kwargs):
@@ -123,10 +175,15 @@ class ModulewiseAdapter:
 
     family_key = ""   # set by families.adapter_for
     selectors = SELECTORS
-    tokencache = False
+    token_layout = "the image/video tokens entering the first block"
 
-    def __init__(self, diffusion_model, family: str, groups: Sequence[BlockGroup]):
+    def __init__(self, diffusion_model, family: str, groups: Sequence[BlockGroup], output_layer: str,
+                 autograd_through_blocks: bool = True):
         self.family = family
+        # False where the blocks add to tensors autograd has saved (in place): no training runs through them
+        self.autograd_through_blocks = autograd_through_blocks
+        self.diffusion_model = diffusion_model
+        self.output_layer = output_layer   # the first module after the blocks: LoRA refinement is trained on its output
         self.blocks = []      # (object path, block module, group)
         for group in groups:
             for i, block in enumerate(diffusion_model.get_submodule(group.path)):
@@ -134,7 +191,9 @@ class ModulewiseAdapter:
         if not self.blocks:
             raise ValueError(f"{family} model has no transformer blocks to cache")
         self.last_block = len(self.blocks) - 1
+        self.block_count = len(self.blocks)
         self.call: Optional[_BlockCall] = None
+        self.planned_tokens = 0   # tokens in TokenCache's planning space at the evaluation under way
 
     def install(self, model_patcher, hooks):
         current_run = hooks.current_run
@@ -153,6 +212,10 @@ class ModulewiseAdapter:
         run = current_run()
         if run is None or run.plan is None:
             return forward(*args, **kwargs)
+        if block_id == 0 and run.planner is not None:
+            tokens = _tokens_of(args, kwargs, group.token_input)
+            self.planned_tokens = tokens.shape[1]
+            run.plan_tokens(self.planned_tokens, lambda: PlanningInput(tokens, call_dict(args, kwargs)))
         work = _state(run).work.get(block_id)
         mode = run.enter_block(block_id, work.streams if work is not None else 1)
         if mode is BlockMode.ESTIMATE:
@@ -218,6 +281,9 @@ class ModulewiseAdapter:
         return self._get_output(run, block_id, key, x.device)
 
     def _fill(self, run, block_id, spec, key, x, output):
+        if spec.role == SUBSET and spec.stream == 0 and run.planner is not None:
+            # TokenCache's training-free score: how much the block's token-wise output changed
+            run.note_change(block_id, [(key + "0", _flatten(output)[0])], tokens=self.planned_tokens)
         for j, part in enumerate(_flatten(output)):
             if part is not None:
                 run.put_feature(block_id, key + str(j), part)
@@ -248,8 +314,22 @@ class ModulewiseAdapter:
         """One selection per block and stream, shared by the stream's submodules."""
         index = self.call.selection.get(spec.stream)
         if index is None:
-            index = run.select(block_id, x.shape[1], run.selector_scores(block_id, x, prefix=key), x.device, spec.stream)
+            if run.planner is not None:
+                index = self._planned_selection(run, block_id, spec.stream, x.shape[1], x.device)
+            else:
+                index = run.select(block_id, x.shape[1], run.selector_scores(block_id, x, prefix=key), x.device,
+                                   spec.stream)
             self.call.selection[spec.stream] = index
+        return index
+
+    def _planned_selection(self, run, block_id, stream, tokens, device):
+        """TokenCache's plan for the image/video tokens; text streams and tokens
+        after the planned ones are recomputed."""
+        if stream != 0:
+            return torch.arange(tokens, device=device)
+        index = run.select(block_id, self.planned_tokens, None, device)
+        if tokens > self.planned_tokens:
+            index = torch.cat((index, torch.arange(self.planned_tokens, tokens, device=device)))
         return index
 
     # -- the last block's output, estimated by aggressive steps ----------------------
@@ -261,3 +341,135 @@ class ModulewiseAdapter:
         layout = _state(run).final
         return layout.rebuild([run.get_final(device, part=j) if present else None
                                for j, present in enumerate(layout.present)])
+
+    # -- TokenCache: the planning space, the first-block predictor, training ------
+    @property
+    def hidden(self) -> int:
+        """Width of the image/video tokens: the input features of the first
+        linear layer of the first block's first image-stream module."""
+        path, block, group = self.blocks[0]
+        for spec in group.modules:
+            if spec.stream == 0:
+                weights = [p for n, p in block.get_submodule(spec.path).named_parameters()
+                           if n.endswith("weight") and p.ndim == 2]
+                if weights:
+                    return weights[0].shape[1]
+        raise ValueError(f"{self.family}: no image-token layer in the first block to read the token width from")
+
+    @property
+    def first_block_kind(self) -> str:
+        return self.blocks[0][2].path
+
+    def _group(self, block_id):
+        return self.blocks[block_id][2]
+
+    def predictor_block(self, for_training: bool = True) -> torch.nn.Module:
+        """A trainable float32 CPU copy of the first block as plain torch
+        modules (ComfyUI's weight casting off), for a first-block predictor."""
+        block = self.blocks[0][1]
+        odd = sorted({str(p.dtype) for p in block.parameters()
+                      if p.dtype not in (torch.float32, torch.float16, torch.bfloat16)})
+        if odd and for_training:
+            raise ValueError(f"the first-block predictor copies the model's first block, whose weights are "
+                             f"{', '.join(odd)}; load the model in fp16, bf16 or fp32, or use architecture mlp_mixer")
+        copied = _strip_instance_forwards(copy.deepcopy(block)).to(device="cpu", dtype=torch.float32)
+        for module in copied.modules():
+            if hasattr(module, "comfy_cast_weights"):
+                module.comfy_cast_weights = False
+                module.weight_function, module.bias_function = [], []
+        return copied.requires_grad_(True)
+
+    def predictor_runner(self) -> "ModulewiseBlockRunner":
+        return ModulewiseBlockRunner(self._group(0), self.hidden)
+
+    def predictor_parts(self):
+        return self.predictor_block(for_training=False), self.predictor_runner(), self.first_block_kind
+
+    def block_layout(self) -> dict:
+        counts = {}
+        for _, _, group in self.blocks:
+            counts[group.path] = counts.get(group.path, 0) + 1
+        return counts
+
+    def block_paths(self):
+        """(path in the diffusion model, block) of every block, in the run's block numbering."""
+        return [(path[len("diffusion_model."):], block) for path, block, _ in self.blocks]
+
+    def wrap_block(self, model_patcher, block_id: int, wrapper) -> None:
+        """wrapper(call, block_args) -> output around block `block_id` of the
+        patched clone; block_args is the call as one dict (call_dict)."""
+        path = f"{self.blocks[block_id][0]}.forward"
+        forward = model_patcher.get_model_object(path)
+
+        def wrapped(*args, **kwargs):
+            return wrapper(lambda block_args: forward(*block_args[POSITIONAL], **split_call(block_args)[1]),
+                           call_dict(args, kwargs))
+        model_patcher.add_object_patch(path, wrapped)
+
+    def copy_tokens(self, block_id: int, block_args: dict) -> dict:
+        """block_args with the token input copied (blocks may update it in place)."""
+        args, kwargs = split_call(block_args)
+        slot = self._group(block_id).token_input
+        return call_dict(*_with_tokens(args, kwargs, slot, _tokens_of(args, kwargs, slot).clone()))
+
+    def tokens_in(self, block_id: int, block_args: dict, count: Optional[int] = None) -> torch.Tensor:
+        x = _tokens_of(*split_call(block_args), self._group(block_id).token_input)
+        return x if count is None else x[:, :count]
+
+    def tokens_out(self, block_id: int, output, count: Optional[int] = None) -> torch.Tensor:
+        index = self._group(block_id).token_output
+        x = output if index is None else output[index]
+        return x if count is None else x[:, :count]
+
+    def rest_of_inputs(self, block_id: int, block_args: dict, count: int) -> dict:
+        """The block's inputs besides the first `count` tokens (those after them stay)."""
+        args, kwargs = split_call(block_args)
+        slot = self._group(block_id).token_input
+        return call_dict(*_with_tokens(args, kwargs, slot, _tokens_of(args, kwargs, slot)[:, count:]))
+
+    def text_length(self, block_args: dict) -> int:
+        return 0   # the planning space holds no text tokens
+
+    def output_tokens(self, x: torch.Tensor, count: int) -> torch.Tensor:
+        """The tokens the output layer reads: the first `count` (image tokens come first)."""
+        return x[:, :count]
+
+    def block_contribution(self, block_id: int, x: torch.Tensor, block_args: dict, txt_len: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+        """f_l(x) = block(x) - x for the planned tokens x, through the model's
+        own block l in `dtype`, with its other inputs from rest_of_inputs
+        (autograd reaches x; activations are recomputed in the backward pass)."""
+        x = x.to(dtype)
+        path, block, group = self.blocks[block_id]
+        args, kwargs = split_call(block_args)
+        after = _tokens_of(args, kwargs, group.token_input)
+        # a new tensor: blocks may add to their input in place
+        tokens = torch.cat((x, after.to(dtype)), dim=1) if after.shape[1] else x.clone()
+        args, kwargs = _with_tokens(args, kwargs, group.token_input, tokens)
+        out = torch.utils.checkpoint.checkpoint(call_for_autograd, _ClassForward(block), args, kwargs,
+                                                use_reentrant=False)
+        return self.tokens_out(block_id, out, x.shape[1]) - x
+
+
+class ModulewiseBlockRunner:
+    """How FirstBlockPredictor runs its copy of a modulewise family's first
+    block: on the first block's own inputs, cast to the copy's dtype."""
+
+    def __init__(self, group: BlockGroup, hidden: int):
+        self.group = group
+        self.hidden = hidden
+
+    def __call__(self, block, inputs: PlanningInput):
+        dtype = next(block.parameters()).dtype
+        args, kwargs = split_call(map_block_args(inputs.block_args,
+                                                 lambda t: t.to(dtype) if t.is_floating_point() else t))
+        # a copy: blocks may add to their input in place, and at inference it is the model's own
+        args, kwargs = _with_tokens(args, kwargs, self.group.token_input,
+                                    _tokens_of(args, kwargs, self.group.token_input).clone())
+        out = type(block).forward(block, *args, **kwargs)
+        out = out if self.group.token_output is None else out[self.group.token_output]
+        return out[:, :inputs.tokens.shape[1]]
+
+    def flops(self, block, tokens: int) -> float:
+        """One row's work, as an estimate: every linear layer on every token, and attention."""
+        return tokens * _linear_flops(block) + 4 * tokens * tokens * self.hidden

@@ -14,4 +14,4 @@ def adapter(diffusion_model, family):
         CachedModule("attn", REUSE),
         CachedModule("cross_attn", SUBSET),
         CachedModule("mlp", SUBSET),
-    ), block_input)])
+    ), block_input)], output_layer="final_layer")

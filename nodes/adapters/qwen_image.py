@@ -19,4 +19,6 @@ def adapter(diffusion_model, family):
         CachedModule("attn", REUSE, input_name="hidden_states"),
         CachedModule("img_mlp", SUBSET),
         CachedModule("txt_mlp", SUBSET, stream=1),
-    ), _skipped_block)])
+    ), _skipped_block, token_input=(0, "hidden_states"), token_output=1)],
+        # norm_out (modulated by the timestep) then proj_out: refinement is trained on norm_out's output
+        output_layer="norm_out")

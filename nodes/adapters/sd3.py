@@ -60,7 +60,8 @@ def conservative_joint_block(block, context, x, c):
 
 class SD3Adapter(ModulewiseAdapter):
     def __init__(self, diffusion_model, family):
-        super().__init__(diffusion_model, family, [BlockGroup("joint_blocks", (), _skipped_block)])
+        super().__init__(diffusion_model, family, [BlockGroup("joint_blocks", (), _skipped_block, token_input=(1, "x"),
+                                                              token_output=1)], output_layer="final_layer")
         # the cached modules differ between blocks: the last text half is pre-only, and
         # SD3.5 Medium has its second attention in some blocks only
         self.blocks = [(path, block, dataclasses.replace(group, modules=_cached_modules(block)))

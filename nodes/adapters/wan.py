@@ -12,4 +12,4 @@ def adapter(diffusion_model, family):
         CachedModule("self_attn", REUSE),
         CachedModule("cross_attn", SUBSET, context_linears=_CONTEXT_LINEARS),
         CachedModule("ffn", SUBSET),
-    ), block_input)])
+    ), block_input)], output_layer="head")
