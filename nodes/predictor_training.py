@@ -132,7 +132,9 @@ class _Recorder:
             if self.subset_size is not None and (self.subset is None or self.subset.numel() > joint_in.shape[1]):
                 count = min(self.subset_size, joint_in.shape[1])
                 self.subset = torch.randperm(joint_in.shape[1], generator=self.generator)[:count].sort().values
-            self._inputs = PlanningInput(joint_in.detach().cpu(), map_block_args(kept, lambda t: t.detach().cpu()))
+            # the tokens on the CPU, the block's other inputs as they are (shared with block_args)
+            self._inputs = PlanningInput(joint_in.detach().cpu(),
+                                         self.adapter.copy_tokens(0, kept, lambda t: t.detach().cpu()))
         if self.subset_size is None:
             delta = joint_out - joint_in
             self._block_args.append(self.adapter.rest_of_inputs(block_id, kept, self._count))

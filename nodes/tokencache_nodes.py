@@ -108,7 +108,7 @@ class TokenCacheNode(io.ComfyNode):
             description=("TokenCache: a learned predictor scores which tokens of which blocks must be recomputed; "
                          "full-compute I-steps go where the predicted importance accumulates, every other step "
                          "recomputes only the chosen tokens. Without a predictor, tokens whose block outputs "
-                         "changed most between the last two computed steps are recomputed. Flux family."),
+                         "changed most between the last two computed steps are recomputed. Every family DuCa Cache supports."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion transformer to accelerate. The input model is not changed."),
                 io.Combo.Input("predictor", options=[NO_PREDICTOR, *predictor_files()], default=NO_PREDICTOR,
@@ -165,7 +165,7 @@ class TokenCacheTrainPredictorNode(io.ComfyNode):
                          "then LoRA adapters that refine the last blocks under caching (lora_rank), and writes both to "
                          "models/token_cache/<filename>.safetensors. Cancel stops it and writes nothing."),
             inputs=[
-                io.Model.Input("model", tooltip="The model the predictor is for (Flux family), without other caching."),
+                io.Model.Input("model", tooltip="The model the predictor is for (any family DuCa Cache supports), without other caching."),
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image", tooltip="Latents to sample from: their size and batch are the training data."),

@@ -36,6 +36,7 @@ TITLES = {   # workflow -> (model, what it shows)
     "sd35_t2i_duca": ("SD3.5 Large", "text to image, DuCa"),
     "wan21_t2v_duca": ("Wan 2.1 14B", "text to video, DuCa, fp8 cache"),
     "wan21_i2v_duca": ("Wan 2.1 14B", "image to video, DuCa, fp8 cache"),
+    "wan21_t2v_tokencache": ("Wan 2.1 14B", "text to video, TokenCache, fp8 cache"),
 }
 
 

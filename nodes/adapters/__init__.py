@@ -41,8 +41,8 @@ class Adapter(Protocol):
     def wrap_block(self, model_patcher, block_id: int, wrapper) -> None:
         """wrapper(call, block_args) -> output around a block of the clone."""
 
-    def copy_tokens(self, block_id: int, block_args) -> dict:
-        """block_args with the token inputs copied (blocks may update them in place)."""
+    def copy_tokens(self, block_id: int, block_args, copy=torch.Tensor.clone) -> dict:
+        """block_args with the token inputs copied by `copy` (blocks may update them in place)."""
 
     def tokens_in(self, block_id: int, block_args, count: Optional[int] = None) -> torch.Tensor:
         """The planning-space tokens of a block's input (the first `count`)."""

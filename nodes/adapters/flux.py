@@ -127,9 +127,9 @@ class FluxFamilyAdapter:
     def tokens_out(self, block_id: int, output: dict, count=None) -> torch.Tensor:
         return self.tokens_in(block_id, output)
 
-    def copy_tokens(self, block_id: int, args: dict) -> dict:
-        """args with the token inputs copied (ComfyUI's blocks add to them in place)."""
-        return {**args, **{k: args[k].clone() for k in ("img", "txt") if k in args}}
+    def copy_tokens(self, block_id: int, args: dict, copy=torch.Tensor.clone) -> dict:
+        """args with the token inputs copied by `copy` (ComfyUI's blocks add to them in place)."""
+        return {**args, **{k: copy(args[k]) for k in ("img", "txt") if k in args}}
 
     def rest_of_inputs(self, block_id: int, args: dict, count=None) -> dict:
         return {k: v for k, v in args.items() if k not in ("img", "txt")}

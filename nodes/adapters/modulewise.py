@@ -406,11 +406,11 @@ class ModulewiseAdapter:
                            call_dict(args, kwargs))
         model_patcher.add_object_patch(path, wrapped)
 
-    def copy_tokens(self, block_id: int, block_args: dict) -> dict:
-        """block_args with the token input copied (blocks may update it in place)."""
+    def copy_tokens(self, block_id: int, block_args: dict, copy=torch.Tensor.clone) -> dict:
+        """block_args with the token input copied by `copy` (blocks may update it in place)."""
         args, kwargs = split_call(block_args)
         slot = self._group(block_id).token_input
-        return call_dict(*_with_tokens(args, kwargs, slot, _tokens_of(args, kwargs, slot).clone()))
+        return call_dict(*_with_tokens(args, kwargs, slot, copy(_tokens_of(args, kwargs, slot))))
 
     def tokens_in(self, block_id: int, block_args: dict, count: Optional[int] = None) -> torch.Tensor:
         x = _tokens_of(*split_call(block_args), self._group(block_id).token_input)
