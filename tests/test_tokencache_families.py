@@ -6,9 +6,12 @@ learned plan picks other tokens than random selection at the same work, and
 runs repeat exactly, match between batched and split CFG and recover from an
 error. (The Flux family's own model, flux_schnell, has its tests in
 test_tokencache.py and test_tokencache_lora.py.)"""
+import gc
+
 import pytest
 import torch
 
+import comfy.model_management
 import tiny_models
 
 from dit_token_cache.accel_core.config import CacheConfig
@@ -22,23 +25,27 @@ from dit_token_cache.nodes.predictor_training import (TrainingSettings, _differe
 from dit_token_cache.nodes.tokencache_nodes import TokenCacheNode, TokenCacheTrainPredictorNode, step_importance
 
 # tiny model -> (its sampling sizes, training choices): one model per family key; the Flux family's
-# Chroma and HunyuanVideo run its adapter, LTX-Video's blocks cannot be backpropagated through
+# Chroma and HunyuanVideo run its adapter, LTX-Video's blocks cannot be backpropagated through.
+# The widest tiny models (Qwen-Image 3072, Lumina 2 2304, Chroma) train the mlp_mixer on first_order:
+# the first-block predictor and the chained objective on them take over 10 GB of RAM (copies of a
+# block's weights for autograd); those two are exercised on the five others
+FIRST_ORDER_MIXER = dict(architecture="mlp_mixer", objective="first_order")
 FAMILIES = {
     "wan_t2v": (dict(width=32, height=32, frames=5), {}),
-    "qwen_image": (dict(width=32, height=32), {}),
+    "qwen_image": (dict(width=32, height=32), FIRST_ORDER_MIXER),
     "sd3": (dict(width=128, height=128), {}),
     "pixart_sigma": (dict(width=512, height=16), {}),
-    "lumina2": (dict(width=32, height=32), dict(learning_rate=3e-4)),   # large activations: smaller steps
+    "lumina2": (dict(width=32, height=32), dict(**FIRST_ORDER_MIXER, learning_rate=3e-4)),   # large activations
     "hidream": (dict(width=64, height=64), {}),
-    "ltxv": (dict(width=256, height=256, frames=9),
-             dict(architecture="mlp_mixer", objective="first_order", lora_rank=0)),
+    "ltxv": (dict(width=256, height=256, frames=9), dict(**FIRST_ORDER_MIXER, lora_rank=0)),
     "hunyuan_video": (dict(width=64, height=64, frames=5), {}),
-    "chroma": (dict(width=64, height=64), dict(architecture="mlp_mixer", objective="first_order", lora_rank=0)),
+    "chroma": (dict(width=64, height=64), dict(**FIRST_ORDER_MIXER, lora_rank=0)),
 }
 TRAINING = dict(seed=0, steps=4, cfg=2.0, iterations=10, learning_rate=1e-3, cost_weight=0.05, lora_rank=2,
                 cache_ratio=0.75, i_steps=2, protected_last_blocks=1)
 RUN = dict(cache_ratio=0.75, i_steps=2, protected_last_blocks=1)
 STEPS = 6
+CFG = 2.0   # cond and uncond at every step (HunyuanVideo's default is 1)
 
 
 def _training(family) -> dict:
@@ -66,7 +73,10 @@ def trained(tiny_model, predictor_dir):
                                                            **settings).result
             done[family] = model, path
         return done[family]
-    return train
+    yield train
+    done.clear()
+    comfy.model_management.unload_all_models()   # the next modules do not carry these models
+    gc.collect()
 
 
 def _run(family, model, predictor=None, precision="model", fallback="change"):
@@ -78,7 +88,7 @@ def _run(family, model, predictor=None, precision="model", fallback="change"):
     else:
         patched = apply_token_cache(model, CacheConfig(mode="tokencache", cache_precision=precision, **RUN),
                                     fallback=fallback)
-    out = tiny_models.sample(patched, family, steps=STEPS, seed=5, **FAMILIES[family][0])
+    out = tiny_models.sample(patched, family, steps=STEPS, seed=5, cfg=CFG, **FAMILIES[family][0])
     return out, patched.model_options["transformer_options"][SETTINGS_KEY].last_run
 
 
@@ -157,7 +167,8 @@ def test_deterministic_cfg_split_matches_batched_and_reset_after_an_error(family
     finally:
         model.model.memory_usage_factor = usual
     assert split_run.stats.evaluations == 2 * run.stats.evaluations
-    torch.testing.assert_close(split, first, rtol=1e-4, atol=1e-4)
+    # scaled: the tiny PixArt's latents reach thousands (test_families_modulewise.py)
+    torch.testing.assert_close(split, first, rtol=1e-4, atol=1e-4 * max(1.0, float(first.abs().max())))
     (patched,) = TokenCacheNode.execute(model, name, RUN["cache_ratio"], RUN["i_steps"], RUN["protected_last_blocks"],
                                         0.0, 1.0, "measured", cache_precision="model").result
     settings = patched.model_options["transformer_options"][SETTINGS_KEY]
@@ -167,7 +178,7 @@ def test_deterministic_cfg_split_matches_batched_and_reset_after_an_error(family
     broken = patched.clone()
     broken.set_model_unet_function_wrapper(explode)
     with pytest.raises(RuntimeError, match="boom"):
-        tiny_models.sample(broken, family, steps=STEPS, seed=5, **FAMILIES[family][0])
+        tiny_models.sample(broken, family, steps=STEPS, seed=5, cfg=CFG, **FAMILIES[family][0])
     assert settings.active_run is None
     assert torch.equal(_run(family, model, name)[0], first)
 
