@@ -250,32 +250,27 @@ def soft_reuse_loss(scores: torch.Tensor, fresh: torch.Tensor, cached: torch.Ten
     return error + cost_weight * cost, {"error": error.detach(), "cost": cost.detach()}
 
 
-def chained_reuse_loss(scores: torch.Tensor, start: torch.Tensor, run_block: Callable[[int, torch.Tensor], torch.Tensor],
-                       cached: torch.Tensor, target: torch.Tensor, cost_weight: float,
-                       scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, dict]:
-    """TokenCache objective through the blocks, as the paper states it:
-    x_l = x_{l-1} + a_l * f_l(x_{l-1}) + (1 - a_l) * cached_l, where f_l runs on the
-    soft state, so an error a reused token makes in one block reaches every later
-    block the way it does at inference.
+def soft_run_loss(scores: torch.Tensor, start: torch.Tensor,
+                  step_block: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor], target: torch.Tensor,
+                  cost_weight: float, scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, dict]:
+    """The TokenCache objective through the blocks: x_l = x_{l-1} + g_l(x_{l-1}, a_l),
+    where step_block(l, x, a_l) -> g_l [B, L, D] is block l's contribution
+    when each token is recomputed to the degree a_l [B, L] (1 = recompute),
+    so an error a reused token makes in one block reaches every later block
+    the way it does at inference.
 
-    scores a [B, n_blocks, L] (1 = recompute); start x_0 [B, L, D] entering the
-    first block; run_block(l, x) -> f_l(x) [B, L, D] (the frozen model's block l,
-    its residual contribution); cached [B, n_blocks, L, D] the contributions
-    reused from the previous computed step; target x_L(full) [B, L, D].
-    Normalised like soft_reuse_loss: by the full run's total contribution
-    ||x_L(full) - x_0||^2 unless `scale` is given. cost = mean(a).
-    Returns (error + cost_weight * cost, {"error", "cost"} detached).
+    scores a [B, n_blocks, L]; start x_0 [B, L, D] entering the first block;
+    target x_L(full) [B, L, D]. error = ||x_L(soft) - x_L(full)||^2 normalised
+    by the full run's total contribution ||x_L(full) - x_0||^2 unless `scale`
+    is given; cost = mean(a). Returns (error + cost_weight * cost, {"error", "cost"} detached).
     """
-    if scores.ndim != 3 or cached.shape[:3] != scores.shape or start.shape != target.shape \
-            or cached.shape[0] != start.shape[0] or cached.shape[2:] != start.shape[1:]:
-        raise ValueError(f"chained_reuse_loss: expected scores [B, n_blocks, L], start/target [B, L, D] and cached "
-                         f"[B, n_blocks, L, D], got {tuple(scores.shape)}, {tuple(start.shape)}, "
-                         f"{tuple(target.shape)}, {tuple(cached.shape)}")
+    if scores.ndim != 3 or start.shape != target.shape or scores.shape[0] != start.shape[0] \
+            or scores.shape[2] != start.shape[1]:
+        raise ValueError(f"soft_run_loss: expected scores [B, n_blocks, L] and start/target [B, L, D], got "
+                         f"{tuple(scores.shape)}, {tuple(start.shape)}, {tuple(target.shape)}")
     x = start.float()
     for block_id in range(scores.shape[1]):
-        a = scores[:, block_id, :, None].float()
-        fresh = run_block(block_id, x).float()
-        x = x + a * fresh + (1.0 - a) * cached[:, block_id].float()
+        x = x + step_block(block_id, x, scores[:, block_id].float()).float()
     target = target.float()
     if scale is None:
         with torch.no_grad():
@@ -283,6 +278,29 @@ def chained_reuse_loss(scores: torch.Tensor, start: torch.Tensor, run_block: Cal
     error = (x - target).pow(2).sum(dim=-1).mean() / scale
     cost = scores.float().mean()
     return error + cost_weight * cost, {"error": error.detach(), "cost": cost.detach()}
+
+
+def chained_reuse_loss(scores: torch.Tensor, start: torch.Tensor, run_block: Callable[[int, torch.Tensor], torch.Tensor],
+                       cached: torch.Tensor, target: torch.Tensor, cost_weight: float,
+                       scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, dict]:
+    """TokenCache objective through the blocks, as the paper states it:
+    x_l = x_{l-1} + a_l * f_l(x_{l-1}) + (1 - a_l) * cached_l, where f_l runs on the
+    soft state (soft_run_loss): a recomputed token recomputes the whole block.
+
+    run_block(l, x) -> f_l(x) [B, L, D] (the frozen model's block l, its
+    residual contribution); cached [B, n_blocks, L, D] the contributions
+    reused from the previous computed step.
+    """
+    if scores.ndim != 3 or cached.shape[:3] != scores.shape or cached.shape[0] != start.shape[0] \
+            or cached.shape[2:] != start.shape[1:]:
+        raise ValueError(f"chained_reuse_loss: expected scores [B, n_blocks, L], start/target [B, L, D] and cached "
+                         f"[B, n_blocks, L, D], got {tuple(scores.shape)}, {tuple(start.shape)}, "
+                         f"{tuple(target.shape)}, {tuple(cached.shape)}")
+
+    def step_block(block_id, x, a):
+        a = a[..., None]
+        return a * run_block(block_id, x).float() + (1.0 - a) * cached[:, block_id].float()
+    return soft_run_loss(scores, start, step_block, target, cost_weight, scale)
 
 
 def allocate_tokens(scores: torch.Tensor, cache_ratio: float,

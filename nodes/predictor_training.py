@@ -14,6 +14,11 @@ Two objectives (accel_core.tokencache):
   Each evaluation keeps every token's contributions (blocks x tokens x hidden
   per row, in the model's dtype, on the CPU) and the backward pass goes
   through every block.
+- "p_step": as "chained", but each block runs as TokenCache's P-step runs it:
+  attention reused from the last computed step, only the token-wise branch
+  (MLP, cross-attention queries) recomputed to the degree a, its cached
+  output reused otherwise; the protected last blocks recompute in full. It
+  also keeps every block's branch outputs (about twice "chained"'s memory).
 - "first_order": each block sees the full run's input; contributions are kept
   for a fixed random subset of tokens only, so memory stays bounded on large
   models.
@@ -24,7 +29,7 @@ Each trajectory uses a new noise seed.
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,13 +39,15 @@ import comfy.sample
 import comfy.utils
 
 from ..accel_core.tokencache import (CachePredictor, FirstBlockPredictor, PlanningInput, chained_reuse_loss,
-                                     copy_each_once, loss_windows, map_block_args, soft_reuse_loss, training_step)
+                                     copy_each_once, loss_windows, map_block_args, map_tensors, soft_reuse_loss,
+                                     soft_run_loss, training_step)
 from .families import adapter_for
 from .lora_training import train_lora
 from .patcher import transformer_options_of
 
 ARCHITECTURES = ("first_block", "mlp_mixer")
-OBJECTIVES = ("chained", "first_order")
+OBJECTIVES = ("chained", "p_step", "first_order")
+THROUGH_BLOCKS = ("chained", "p_step")   # objectives that run the model's blocks (every token recorded)
 BLOCK_LR_SCALE = 0.1   # the copied block starts from trained weights: it moves slower than the new head
 
 
@@ -82,15 +89,17 @@ class Evaluation:
     sigma: float
     inputs: PlanningInput      # tokens entering the first block (CPU) and its inputs
     deltas: torch.Tensor       # [B, n_blocks, S, D] at the recorded tokens (all of them for "chained"), CPU
-    block_args: list           # "chained": each block's inputs besides the tokens
+    block_args: list           # "chained", "p_step": each block's inputs besides the tokens
+    branches: list = field(default_factory=list)   # "p_step": each block's branch outputs a P-step reuses
 
 
 class _Recorder:
     """Block wrappers (the family adapter's) and an APPLY_MODEL wrapper that
     record one sampling run's evaluations. `subset_size` None keeps every token."""
 
-    def __init__(self, adapter, subset_size, generator: torch.Generator, on_first=None):
+    def __init__(self, adapter, subset_size, generator: torch.Generator, on_first=None, branches=False):
         self.adapter = adapter
+        self.keep_branches = branches
         self.on_first = on_first   # called with the first evaluation recorded (the memory check)
         self.subset_size = subset_size
         self.generator = generator
@@ -101,6 +110,7 @@ class _Recorder:
         self._count = None         # tokens in the planning space at this evaluation
         self._deltas = []
         self._block_args = []
+        self._branches = []
 
     def install(self, model_patcher):
         for block_id in range(self.adapter.block_count):
@@ -110,20 +120,24 @@ class _Recorder:
 
     def _evaluation(self, executor, x, t, *args, **kwargs):
         transformer_options = transformer_options_of(args, kwargs)
-        self._sigma, self._inputs, self._deltas, self._block_args = float(t.flatten()[0]), None, [], []
+        self._sigma, self._inputs, self._deltas, self._block_args, self._branches = float(t.flatten()[0]), None, [], [], []
         out = executor(x, t, *args, **kwargs)
         if self._inputs is not None and len(self._deltas) == self.adapter.block_count:
             conds = tuple(transformer_options.get("uuids") or ())
             block_args = self._block_args if self.subset_size is None else []
             self.evaluations.append(Evaluation(conds, self._sigma, self._inputs, torch.stack(self._deltas, dim=1),
-                                               block_args))
+                                               block_args, self._branches))
             if len(self.evaluations) == 1 and self.on_first is not None:
                 self.on_first(self.evaluations[0])
         return out
 
     def _block(self, block_id, call, args):
         kept = self.adapter.copy_tokens(block_id, args)
-        out = call(args)
+        if self.keep_branches:
+            out, branches = self.adapter.record_block(block_id, call, args)
+            self._branches.append(map_tensors(branches, lambda t: t.detach().cpu()))
+        else:
+            out = call(args)
         if block_id == 0:
             self._count = self.adapter.tokens_in(0, kept).shape[1]
         joint_in = self.adapter.tokens_in(block_id, kept, self._count)
@@ -161,6 +175,7 @@ def recorded_bytes(evaluation: Evaluation) -> int:
     count(evaluation.deltas)
     for args in evaluation.block_args:
         map_block_args(args, count)
+    map_tensors(evaluation.branches, count)
     return sum(sizes.values())
 
 
@@ -187,7 +202,7 @@ def check_training_memory(evaluation: Evaluation, settings: TrainingSettings, ro
     deltas = evaluation.deltas.numel() * evaluation.deltas.element_size() / rows
     inputs = evaluation.inputs.tokens.numel() * evaluation.inputs.tokens.element_size() / rows
     cheaper = []
-    if settings.objective == "chained":
+    if settings.objective in THROUGH_BLOCKS:
         kept = min(1.0, settings.max_tokens / tokens)
         first_order = 2 * (deltas * kept + inputs) * rows_per_step * settings.steps
         cheaper.append(f"objective first_order (it keeps {min(settings.max_tokens, tokens)} of the {tokens} tokens: "
@@ -207,8 +222,9 @@ def record_trajectory(model, positive, negative, latent: dict, settings: Trainin
                       on_first=None):
     """Evaluations of one real sampling run (uncached) with noise seed `seed`."""
     adapter = adapter_for(model)
-    subset_size = None if settings.objective == "chained" else settings.max_tokens
-    recorder = _Recorder(adapter, subset_size, torch.Generator().manual_seed(seed), on_first)
+    subset_size = None if settings.objective in THROUGH_BLOCKS else settings.max_tokens
+    recorder = _Recorder(adapter, subset_size, torch.Generator().manual_seed(seed), on_first,
+                         branches=settings.objective == "p_step")
     recording = model.clone()
     recorder.install(recording)
     latent_image = comfy.sample.fix_empty_latent_channels(recording, latent["samples"])
@@ -261,7 +277,7 @@ def _recorded(model, positive, negative, latent, settings, seed, on_first=None):
         evaluations, subset = record_trajectory(model, positive, negative, latent, settings, seed, on_first)
     copy = copy_each_once()
     usable = [Evaluation(e.conds, e.sigma, e.inputs.map(copy), e.deltas.clone(),
-                         [map_block_args(args, copy) for args in e.block_args])
+                         [map_block_args(args, copy) for args in e.block_args], map_tensors(e.branches, copy))
               for e in evaluations]
     return usable, None if subset is None else subset.clone()
 
@@ -299,7 +315,16 @@ def _pair_loss(adapter, predictor, previous, current, settings, device, subset):
 
     def run_block(block_id, x):
         return adapter.block_contribution(block_id, x, current.block_args[block_id], txt_len, start.dtype)
-    return chained_reuse_loss(scores, start, run_block, previous.deltas.to(device), target, settings.cost_weight)[0]
+    if settings.objective == "chained":
+        return chained_reuse_loss(scores, start, run_block, previous.deltas.to(device), target, settings.cost_weight)[0]
+    cached_from = adapter.block_count - settings.protected_last_blocks
+
+    def p_step_block(block_id, x, a):
+        if block_id >= cached_from:
+            return run_block(block_id, x)    # protected: computes in full at P-steps
+        cached = map_tensors(previous.branches[block_id], lambda t: t.to(device))
+        return adapter.p_step_contribution(block_id, x, current.block_args[block_id], txt_len, start.dtype, a, cached)
+    return soft_run_loss(scores, start, p_step_block, target, settings.cost_weight)[0]
 
 
 @contextlib.contextmanager
@@ -358,7 +383,7 @@ def check_family(settings: TrainingSettings, adapter) -> None:
     if adapter.autograd_through_blocks:
         return
     needs = [choice for choice, used in (("architecture first_block", settings.architecture == "first_block"),
-                                         ("objective chained", settings.objective == "chained"),
+                                         (f"objective {settings.objective}", settings.objective in THROUGH_BLOCKS),
                                          (f"lora_rank {settings.lora_rank}", settings.lora_rank > 0)) if used]
     if needs:
         raise ValueError(f"TokenCache training: {adapter.family} blocks update their tensors in place, so autograd "

@@ -189,8 +189,10 @@ class TokenCacheTrainPredictorNode(io.ComfyNode):
                 io.Combo.Input("objective", options=list(OBJECTIVES), default="chained",
                                tooltip="chained: reuse errors run through the model's blocks as at inference (the "
                                        "paper's; keeps every token's block outputs, backpropagates through the "
-                                       "model). first_order: each block judged alone on a token sample; far less "
-                                       "memory for large models."),
+                                       "model). p_step: the same, with each block run as a P-step runs it "
+                                       "(attention reused, only the MLP recomputed; the protected_last_blocks in "
+                                       "full); about twice the memory. first_order: each block judged alone on a "
+                                       "token sample; far less memory for large models."),
                 io.Int.Input("lora_rank", default=DEFAULT_LORA_RANK, min=0, max=256, advanced=True,
                              tooltip="Then train LoRA adapters of this rank on the last protected_last_blocks blocks "
                                      "(model frozen) so they repair what caching costs, as in the paper; stored in "

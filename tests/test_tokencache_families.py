@@ -31,16 +31,16 @@ from dit_token_cache.nodes.tokencache_nodes import TokenCacheNode, TokenCacheTra
 # block's weights for autograd); those two are exercised on the five others
 FIRST_ORDER_MIXER = dict(architecture="mlp_mixer", objective="first_order")
 FAMILIES = {
-    "wan_t2v": (dict(width=32, height=32, frames=5), {}),
+    "wan_t2v": (dict(width=32, height=32, frames=5), dict(objective="p_step")),
     "qwen_image": (dict(width=32, height=32), FIRST_ORDER_MIXER),
     "sd3": (dict(width=128, height=128), {}),
     "pixart_sigma": (dict(width=512, height=16), {}),
     "lumina2": (dict(width=32, height=32), dict(**FIRST_ORDER_MIXER, learning_rate=3e-4)),   # large activations
     "hidream": (dict(width=64, height=64), {}),
     "ltxv": (dict(width=256, height=256, frames=9), dict(**FIRST_ORDER_MIXER, lora_rank=0)),
-    "hunyuan_video": (dict(width=64, height=64, frames=5), {}),
+    "hunyuan_video": (dict(width=64, height=64, frames=5), dict(objective="p_step")),
     "chroma": (dict(width=64, height=64), dict(**FIRST_ORDER_MIXER, lora_rank=0)),
-}
+}   # Wan and HunyuanVideo train with the p_step objective (a modulewise and a Flux-family model)
 TRAINING = dict(seed=0, steps=4, cfg=2.0, iterations=10, learning_rate=1e-3, cost_weight=0.05, lora_rank=2,
                 cache_ratio=0.75, i_steps=2, protected_last_blocks=1)
 RUN = dict(cache_ratio=0.75, i_steps=2, protected_last_blocks=1)
@@ -200,3 +200,42 @@ def test_ltxv_training_that_needs_a_backward_pass_through_its_blocks_is_refused(
                                          "objective first_order and lora_rank 0"):
         TokenCacheTrainPredictorNode.execute(model, positive, negative, latent, sampler_name="euler", scheduler="simple",
                                              filename="refused", **{**TRAINING, **choice})
+
+
+@pytest.mark.parametrize("family", ["flux_schnell", "hunyuan_video", "wan_t2v", "sd3", "pixart_sigma", "hidream"])
+def test_p_step_objective_runs_each_block_as_a_p_step_does(family, tiny_model):
+    """With every token recomputed and the cache from this very step, a block
+    run as a P-step runs it (attention reused, token-wise branches mixed) is
+    the block itself; with none recomputed it returns the cached branches,
+    re-gated, whatever its input; with all recomputed on a stale cache it
+    follows its input (the token-wise branch is fresh)."""
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    sizes = FAMILIES.get(family, (dict(width=64, height=64), {}))[0]
+    positive, negative = tiny_models.conditioning(family, model)
+    latent = tiny_models.empty_latent(family, sizes["width"], sizes["height"], frames=sizes.get("frames"))
+    settings = TrainingSettings(**{**TRAINING, "objective": "p_step"})
+    with torch.inference_mode(False), _differentiable_ops(), torch.no_grad():
+        evaluations, _ = _recorded(model, positive, negative, latent, settings, seed=3)
+        previous, current = _pairs(evaluations)[-1]
+        x = current.inputs.tokens
+        txt_len = adapter.text_length(current.inputs.block_args)
+        ones = torch.ones(x.shape[:2])
+        for block_id in range(adapter.block_count):
+            args = current.block_args[block_id]
+            assert current.branches[block_id], block_id
+            full = current.deltas[:, block_id].float()
+            own = adapter.p_step_contribution(block_id, x, args, txt_len, x.dtype, ones, current.branches[block_id])
+            torch.testing.assert_close(own.float(), full, rtol=1e-4, atol=1e-4 * max(1.0, float(full.abs().max())))
+            moved = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(block_id)).to(x.dtype) * x.std()
+
+            def stale(a, tokens=x):
+                return adapter.p_step_contribution(block_id, tokens, args, txt_len, x.dtype, a,
+                                                   previous.branches[block_id]).float()
+            reused = stale(ones * 0)
+            assert not torch.allclose(reused, full, rtol=1e-3, atol=1e-3), block_id
+            # rounding of (x + contribution) - x grows with x
+            torch.testing.assert_close(stale(ones * 0, moved), reused, rtol=1e-4,
+                                       atol=1e-5 * max(1.0, float(moved.abs().max())))
+            assert not torch.allclose(stale(ones, moved), stale(ones), rtol=1e-3, atol=1e-3), block_id
+            x = x + current.deltas[:, block_id]

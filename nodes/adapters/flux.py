@@ -19,7 +19,7 @@ from ...accel_core.tokencache import PlanningInput
 from .flux_blocks import (double_block_forward, double_token_mods, finite_fp16, gated, linear_params, mlp_branch,
                           modulate, single_block_forward, single_finish, single_mlp_act, single_mod, take_tokens,
                           token_mods)
-from .flux_predictor import FirstBlockRunner, run_block_for_autograd
+from .flux_predictor import FirstBlockRunner, recorded_block, run_block_for_autograd, run_p_step_for_autograd
 
 
 class FluxFamilyAdapter:
@@ -158,6 +158,34 @@ class FluxFamilyAdapter:
         if out is None:
             raise ValueError(f"{self.family} block {block_id}: per-token modulation without a known row for "
                              "each token; train with objective first_order")
+        return out - x
+
+    def _kind_and_block(self, block_id):
+        if block_id < len(self.double_blocks):
+            return "double", self.double_blocks[block_id]
+        return "single", self.single_blocks[block_id - len(self.double_blocks)]
+
+    def record_block(self, block_id: int, call, args: dict):
+        """(output, branches): the block run as a full step runs it, bit-identical
+        to its own forward, with the branch outputs a P-step reuses."""
+        kind, block = self._kind_and_block(block_id)
+        out, branches = recorded_block(kind, block, args)
+        if out is None:
+            raise ValueError(f"{self.family} block {block_id}: per-token modulation without a known row for each "
+                             "token; train with objective first_order")
+        return out, branches
+
+    def p_step_contribution(self, block_id: int, x: torch.Tensor, args: dict, txt_len: int, dtype: torch.dtype,
+                            a: torch.Tensor, cached: dict) -> torch.Tensor:
+        """Block l's contribution at a P-step where token t is recomputed to the
+        degree a[:, t]: attention from `cached` (the last computed step's
+        branches) re-gated, the MLP recomputed or reused (soft), as
+        double_block / single_block do with hard selections."""
+        x = x.to(dtype)
+        kind, block = self._kind_and_block(block_id)
+        step_args = {**args, "txt": x[:, :txt_len], "img": x[:, txt_len:]} if kind == "double" else {**args, "img": x}
+        out = torch.utils.checkpoint.checkpoint(run_p_step_for_autograd, kind, block, step_args, a, cached, txt_len,
+                                                use_reentrant=False)
         return out - x
 
     def _attention_flops(self, tokens):

@@ -31,7 +31,7 @@ import torch
 import torch.utils.checkpoint
 
 from ...accel_core.run import BlockMode, staleness_key
-from ...accel_core.tokencache import PlanningInput, call_for_autograd, map_block_args
+from ...accel_core.tokencache import PlanningInput, call_for_autograd, map_block_args, map_tensors
 
 REUSE, SUBSET = "reuse", "subset"
 SELECTORS = ("random", "similarity")
@@ -449,6 +449,76 @@ class ModulewiseAdapter:
         out = torch.utils.checkpoint.checkpoint(call_for_autograd, _ClassForward(block), args, kwargs,
                                                 use_reentrant=False)
         return self.tokens_out(block_id, out, x.shape[1]) - x
+
+
+    def record_block(self, block_id: int, call, block_args: dict):
+        """(output, branches): the block run as it is, with the outputs of its
+        cached submodules, which a P-step reuses."""
+        path, block, group = self.blocks[block_id]
+        branches, handles = {}, []
+        for spec in group.modules:
+            def keep(module, args, output, name=spec.path):
+                branches.setdefault(name, map_tensors(output, torch.Tensor.detach))
+            handles.append(block.get_submodule(spec.path).register_forward_hook(keep))
+        try:
+            return call(block_args), branches
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def p_step_contribution(self, block_id: int, x: torch.Tensor, block_args: dict, txt_len: int,
+                            dtype: torch.dtype, a: torch.Tensor, cached: dict) -> torch.Tensor:
+        """Block l's contribution at a P-step where token t is recomputed to the
+        degree a[:, t]: its "reuse" submodules return their output of the last
+        computed step (`cached`, from record_block), its image-token "subset"
+        ones a * fresh + (1 - a) * cached; text streams and tokens after the
+        planned ones are recomputed (a = 1), as _module does with hard selections."""
+        x = x.to(dtype)
+        path, block, group = self.blocks[block_id]
+        args, kwargs = split_call(block_args)
+        after = _tokens_of(args, kwargs, group.token_input)
+        tokens = torch.cat((x, after.to(dtype)), dim=1) if after.shape[1] else x.clone()
+        a = torch.cat((a, a.new_ones(a.shape[0], after.shape[1])), dim=1) if after.shape[1] else a
+        args, kwargs = _with_tokens(args, kwargs, group.token_input, tokens)
+        out = torch.utils.checkpoint.checkpoint(_p_step_run, block, group, args, kwargs, a, cached,
+                                                use_reentrant=False)
+        return self.tokens_out(block_id, out, x.shape[1]) - x
+
+
+def _like(cached, output):
+    """`cached` (a module's recorded output) on the device and in the dtype of `output`."""
+    if isinstance(output, torch.Tensor):
+        return cached.to(output.device, output.dtype)
+    return type(output)(c if c is None else c.to(o.device, o.dtype) for c, o in zip(cached, output))
+
+
+def _p_step_run(block, group, args, kwargs, a, cached):
+    """The block by its own forward with its cached submodules' outputs
+    replaced as at a P-step (hooks set inside, so a checkpoint's recomputation
+    sees them too)."""
+    def reuse(module, inputs, output, name):
+        return _like(cached[name], output)
+
+    def subset(module, inputs, output, name):
+        parts = _flatten(output)
+        fresh = parts[0]
+        weight = a[..., None].to(fresh.dtype)
+        parts[0] = weight * fresh + (1 - weight) * _flatten(cached[name])[0].to(fresh.device, fresh.dtype)
+        return OutputLayout.of(output).rebuild(parts)
+    handles = []
+    for spec in group.modules:
+        if spec.role == REUSE:
+            hook = reuse
+        elif spec.stream == 0:
+            hook = subset
+        else:
+            continue   # text streams are recomputed at P-steps
+        handles.append(block.get_submodule(spec.path).register_forward_hook(functools.partial(hook, name=spec.path)))
+    try:
+        return call_for_autograd(_ClassForward(block), args, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class ModulewiseBlockRunner:
