@@ -63,7 +63,9 @@ def ours(config):
 
 PREDICTORS = {"learned": PREDICTOR_FILE,   # first_block, chained objective (the node's defaults)
               "mlp_mixer": PREDICTOR_DIR / "shapes_reference_mlp_mixer.safetensors",
-              "mlp_mixer first_order": PREDICTOR_DIR / "shapes_reference_mlp_mixer_first_order.safetensors"}
+              "mlp_mixer first_order": PREDICTOR_DIR / "shapes_reference_mlp_mixer_first_order.safetensors",
+              # first_block, p_step objective (issue 12: trained against what a P-step recomputes)
+              "learned p_step": PREDICTOR_DIR / "shapes_reference_predictor_p_step.safetensors"}
 
 
 # the shipped first-block predictor with LoRA adapters on the last 2 blocks (scripts/train_predictor.py --from-predictor)
@@ -118,7 +120,7 @@ def methods_for(args) -> list:
     for i_steps, ratio in ((6, 0.9), (4, 0.9), (3, 0.9), (4, 0.8)):
         found.append(Method(f"TokenCache learned I={i_steps} r={ratio}", "TokenCache",
                             tokencache("learned", ratio, i_steps), steps))
-    for scoring in ("mlp_mixer", "mlp_mixer first_order", "change", "random"):
+    for scoring in ("mlp_mixer", "mlp_mixer first_order", "learned p_step", "change", "random"):
         found.append(Method(f"TokenCache {scoring} I=4 r=0.9", "TokenCache scoring", tokencache(scoring), steps))
     for scoring in ("learned", "change", "random"):   # issue 12: the LoRA refinement of the last 2 blocks
         found.append(Method(f"TokenCache {scoring}+LoRA I=4 r=0.9", "TokenCache LoRA",

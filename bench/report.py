@@ -144,8 +144,12 @@ def claim_tokencache(rows):
     scorings = (("learned: first-block predictor, chained objective", "TokenCache learned I=4 r=0.9"),
                 ("learned: MLP-mixer, chained objective", "TokenCache mlp_mixer I=4 r=0.9"),
                 ("learned: MLP-mixer, first-order objective", "TokenCache mlp_mixer first_order I=4 r=0.9"),
+                ("learned: first-block predictor, p_step objective", "TokenCache learned p_step I=4 r=0.9"),
                 ("training-free fallback (output change)", "TokenCache change I=4 r=0.9"),
                 ("random", "TokenCache random I=4 r=0.9"))
+    # rows added later (issue 12's p_step objective) are shown once measured
+    scorings = tuple((label, name) for label, name in scorings
+                     if name in named or name != "TokenCache learned p_step I=4 r=0.9")
     placements = (("measured reuse cost (default)", "TokenCache learned I=4 r=0.9"),
                   ("mean predicted importance (the paper's rule)", "TokenCache learned I=4 r=0.9 predicted I-steps"),
                   ("even", "TokenCache learned I=4 r=0.9 even I-steps"),

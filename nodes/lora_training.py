@@ -140,7 +140,9 @@ def record_p_steps(model, adapter, predictor, calibration, config: CacheConfig, 
         comfy.sample.sample(cached, noise, settings.steps, settings.cfg, settings.sampler_name, settings.scheduler,
                             positive, negative, latent_image, denoise=1.0, noise_mask=latent.get("noise_mask"),
                             disable_pbar=True, seed=seed)
-    return [_usable(sample) for sample in recorder.samples]
+    # the recorder lets go of its samples itself: it and the clone's patches form a cycle freed late
+    samples, recorder.samples = recorder.samples, []
+    return [_usable(sample) for sample in samples]
 
 
 def new_lora(adapter, protected_last_blocks: int, rank: int, seed: int) -> BlockLoRA:

@@ -112,6 +112,14 @@ class _Recorder:
         self._block_args = []
         self._branches = []
 
+    def take(self) -> list:
+        """The evaluations, and nothing of them kept here: the clone's patches and
+        the recorder refer to each other, a cycle the garbage collector frees
+        late, and a trajectory's block outputs must go when training drops them."""
+        evaluations, self.evaluations = self.evaluations, []
+        self._inputs, self._deltas, self._block_args, self._branches = None, [], [], []
+        return evaluations
+
     def install(self, model_patcher):
         for block_id in range(self.adapter.block_count):
             self.adapter.wrap_block(model_patcher, block_id, functools.partial(self._block, block_id))
@@ -232,7 +240,7 @@ def record_trajectory(model, positive, negative, latent: dict, settings: Trainin
     comfy.sample.sample(recording, noise, settings.steps, settings.cfg, settings.sampler_name, settings.scheduler,
                         positive, negative, latent_image, denoise=1.0, noise_mask=latent.get("noise_mask"),
                         disable_pbar=True, seed=seed)
-    return recorder.evaluations, recorder.subset
+    return recorder.take(), recorder.subset
 
 
 def _pairs(evaluations):

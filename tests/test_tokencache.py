@@ -3,9 +3,11 @@ lowers the loss, the predictor file round-trips and is checked against the
 model, the learned plan differs from the training-free fallback and does the
 work its ratio asks for, bad files are refused, and the run lifecycle holds
 (CFG batched/split, determinism, cancel)."""
+import gc
 import json
 import os
 import re
+import weakref
 
 import pytest
 import torch
@@ -22,7 +24,8 @@ from dit_token_cache.nodes.families import adapter_for
 from dit_token_cache.nodes.patcher import SETTINGS_KEY, apply_token_cache
 from dit_token_cache.nodes.duca_node import DEFAULT_PRECISION
 from dit_token_cache.nodes.predictor_training import (TrainingSettings, _differentiable_ops, _pairs, _recorded,
-                                                      check_training_memory, recorded_bytes, train_predictor,
+                                                      check_training_memory, record_trajectory, recorded_bytes,
+                                                      train_predictor,
                                                       trajectory_bytes)
 from dit_token_cache.nodes.tokencache_nodes import TokenCacheNode, TokenCacheTrainPredictorNode, step_importance
 
@@ -425,3 +428,25 @@ def test_training_memory_is_estimated_and_a_setting_that_does_not_fit_is_refused
     train_predictor(flux, positive, negative, latent, TrainingSettings(**{**TRAINING, "iterations": 1}),
                     notify=told.append)
     assert len(told) == 1 and told[0].startswith("TokenCache training (chained): about ")
+
+
+@pytest.mark.parametrize("objective", ["chained", "p_step"])
+def test_a_recorded_trajectory_is_freed_as_soon_as_training_drops_it(flux, objective):
+    """The recording clone's patches and the recorder refer to each other; the
+    trajectory must not live on in that cycle until the garbage collector
+    runs (training records one after another: on the reference model the
+    p_step objective ran out of 24 GB that way)."""
+    positive, negative, latent = _inputs(flux)
+    settings = TrainingSettings(**{**TRAINING, "objective": objective})
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.inference_mode():
+            evaluations, _ = record_trajectory(flux, positive, negative, latent, settings, seed=4)
+        kept = [weakref.ref(e.deltas) for e in evaluations] + \
+            [weakref.ref(t) for e in evaluations for branches in e.branches for t in branches.values()]
+        assert len(kept) > len(evaluations) or objective == "chained"
+        del evaluations
+        assert all(ref() is None for ref in kept)
+    finally:
+        gc.enable()
