@@ -1,6 +1,7 @@
 """One adapter per model family: how to run that family's blocks on a token
 subset. The run (accel_core.run.CacheRun) decides what each step computes;
 an adapter computes what it is told, through the family's own submodules."""
+import copy
 from typing import Optional, Protocol, Sequence
 
 import torch
@@ -62,3 +63,22 @@ class Adapter(Protocol):
     def block_contribution(self, block_id: int, x: torch.Tensor, block_args, txt_len: int,
                            dtype: torch.dtype) -> torch.Tensor:
         """f_l(x) = block(x) - x through the model's own block, for chained training."""
+
+
+def plain_float_copy(block: torch.nn.Module, for_training: bool = True) -> torch.nn.Module:
+    """A trainable float32 copy of a block on the CPU, as plain torch modules:
+    ComfyUI's weight casting and patch hooks off, and no object patches
+    applied to the model it came from. Training starts from its weights, so
+    they must be plain floats then; a predictor file overwrites them."""
+    odd = sorted({str(p.dtype) for p in block.parameters()
+                  if p.dtype not in (torch.float32, torch.float16, torch.bfloat16)})
+    if odd and for_training:
+        raise ValueError(f"the first-block predictor copies the model's first block, whose weights are "
+                         f"{', '.join(odd)}; load the model in fp16, bf16 or fp32, or use architecture mlp_mixer")
+    copied = copy.deepcopy(block).to(device="cpu", dtype=torch.float32)
+    for module in copied.modules():
+        module.__dict__.pop("forward", None)   # an object patch carried over by the copy
+        if hasattr(module, "comfy_cast_weights"):
+            module.comfy_cast_weights = False
+            module.weight_function, module.bias_function = [], []
+    return copied.requires_grad_(True)

@@ -5,8 +5,6 @@ the research method: modulation is recomputed every step, cached branch
 outputs (reused or forecast) are re-gated with the current gate, attention is
 not recomputed, and the MLP runs on the selected tokens only.
 """
-import copy
-
 import torch
 import torch.utils.checkpoint
 
@@ -16,6 +14,7 @@ from ...accel_core.config import SELECTORS
 from ...accel_core.run import BlockMode
 from ...accel_core.schedule import StepKind
 from ...accel_core.tokencache import PlanningInput
+from . import plain_float_copy
 from .flux_blocks import (double_block_forward, double_token_mods, finite_fp16, gated, linear_params, mlp_branch,
                           modulate, single_block_forward, single_finish, single_mlp_act, single_mod, take_tokens,
                           token_mods)
@@ -65,22 +64,8 @@ class FluxFamilyAdapter:
         return "double" if self.double_blocks else "single"
 
     def predictor_block(self, for_training: bool = True) -> torch.nn.Module:
-        """A trainable float32 copy of the model's first block on the CPU, as
-        plain torch modules (ComfyUI's weight casting and patch hooks off).
-        Training starts from its weights, so they must be plain floats then;
-        a predictor file overwrites them."""
-        block = self.double_blocks[0] if self.double_blocks else self.single_blocks[0]
-        odd = sorted({str(p.dtype) for p in block.parameters()
-                      if p.dtype not in (torch.float32, torch.float16, torch.bfloat16)})
-        if odd and for_training:
-            raise ValueError(f"the first-block predictor copies the model's first block, whose weights are "
-                             f"{', '.join(odd)}; load the model in fp16, bf16 or fp32, or use architecture mlp_mixer")
-        copied = copy.deepcopy(block).to(device="cpu", dtype=torch.float32)
-        for module in copied.modules():
-            if hasattr(module, "comfy_cast_weights"):
-                module.comfy_cast_weights = False
-                module.weight_function, module.bias_function = [], []
-        return copied.requires_grad_(True)
+        """A float32 CPU copy of the model's first block (plain_float_copy)."""
+        return plain_float_copy(self.double_blocks[0] if self.double_blocks else self.single_blocks[0], for_training)
 
     def predictor_runner(self) -> FirstBlockRunner:
         return FirstBlockRunner(self.first_block_kind,

@@ -22,7 +22,6 @@ block (each group says where a block gets and returns them): a P-step's plan
 picks those tokens per block; a second token stream (text) and tokens a block
 gets after them (HiDream's single blocks append text) are recomputed whole.
 """
-import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -32,6 +31,7 @@ import torch.utils.checkpoint
 
 from ...accel_core.run import BlockMode, staleness_key
 from ...accel_core.tokencache import PlanningInput, call_for_autograd, map_block_args, map_tensors
+from . import plain_float_copy
 
 REUSE, SUBSET = "reuse", "subset"
 SELECTORS = ("random", "similarity")
@@ -89,13 +89,6 @@ class _ClassForward(torch.nn.Module):
 
     def forward(self, args, kwargs):
         return type(self.block).forward(self.block, *args, **kwargs)
-
-
-def _strip_instance_forwards(module: torch.nn.Module) -> torch.nn.Module:
-    """A copied block loses the object patches that were applied to the model it came from."""
-    for child in module.modules():
-        child.__dict__.pop("forward", None)
-    return module
 
 
 def block_input(args, kwargs):
@@ -364,20 +357,8 @@ class ModulewiseAdapter:
         return self.blocks[block_id][2]
 
     def predictor_block(self, for_training: bool = True) -> torch.nn.Module:
-        """A trainable float32 CPU copy of the first block as plain torch
-        modules (ComfyUI's weight casting off), for a first-block predictor."""
-        block = self.blocks[0][1]
-        odd = sorted({str(p.dtype) for p in block.parameters()
-                      if p.dtype not in (torch.float32, torch.float16, torch.bfloat16)})
-        if odd and for_training:
-            raise ValueError(f"the first-block predictor copies the model's first block, whose weights are "
-                             f"{', '.join(odd)}; load the model in fp16, bf16 or fp32, or use architecture mlp_mixer")
-        copied = _strip_instance_forwards(copy.deepcopy(block)).to(device="cpu", dtype=torch.float32)
-        for module in copied.modules():
-            if hasattr(module, "comfy_cast_weights"):
-                module.comfy_cast_weights = False
-                module.weight_function, module.bias_function = [], []
-        return copied.requires_grad_(True)
+        """A float32 CPU copy of the first block (plain_float_copy)."""
+        return plain_float_copy(self.blocks[0][1], for_training)
 
     def predictor_runner(self) -> "ModulewiseBlockRunner":
         return ModulewiseBlockRunner(self._group(0), self.hidden)
