@@ -395,16 +395,25 @@ def importance_curve(calibration: dict) -> Callable[[float], float]:
     return at
 
 
+STALENESS_WEIGHT = 2.0   # measured on the reference model (BENCHMARKS.md, issue 12): tokens rotate
+
+
 class TokenPlanner:
     """Which tokens every block recomputes at a TokenCache P-step: the top
-    scores over all cacheable blocks (block-level allocation), scored by the
-    learned predictor from the first block's input, or without one by how much
-    each token's block output changed between the last two computed steps
-    (random until two steps were computed). fallback="random" scores at
-    random, the baseline both are measured against."""
+    priorities over all cacheable blocks (block-level allocation), scored by
+    the learned predictor from the first block's input, or without one by how
+    much each token's block output changed between the last two computed
+    steps (random until two steps were computed). fallback="random" scores at
+    random, the baseline both are measured against.
+
+    Priority = the score's rank within its block (0 to 1) + staleness_weight x
+    the P-steps since the token was last recomputed in that block (0 after an
+    I-step), so the same tokens are not picked at every P-step: one planner
+    per sampling run, its staleness per token layout."""
 
     def __init__(self, n_blocks: int, cache_ratio: float, protected_last_blocks: int,
-                 predictor: Optional[nn.Module] = None, seed: int = 0, fallback: str = "change"):
+                 predictor: Optional[nn.Module] = None, seed: int = 0, fallback: str = "change",
+                 staleness_weight: float = STALENESS_WEIGHT):
         if predictor is not None and predictor.n_blocks != n_blocks:
             raise ValueError(f"the predictor scores {predictor.n_blocks} blocks, the model has {n_blocks}")
         if fallback not in ("change", "random"):
@@ -415,6 +424,8 @@ class TokenPlanner:
         self.predictor = predictor
         self.seed = seed
         self.fallback = fallback
+        self.staleness_weight = staleness_weight
+        self._staleness = {}   # token count -> (step of the last plan, [n_blocks, L] P-steps since recomputed)
 
     @property
     def uses_changes(self) -> bool:
@@ -449,5 +460,18 @@ class TokenPlanner:
         return torch.stack(rows)
 
     def plan(self, inputs: PlanningInput, sigma, changes, step) -> List[torch.Tensor]:
-        return allocate_tokens(self.scores(inputs, sigma, changes, step), self.cache_ratio,
-                               self.protected_last_blocks)[0]
+        scores = self.scores(inputs, sigma, changes, step)
+        if not self.staleness_weight:
+            return allocate_tokens(scores, self.cache_ratio, self.protected_last_blocks)[0]
+        tokens = scores.shape[1]
+        last_step, staleness = self._staleness.get(tokens, (None, None))
+        if last_step != step - 1:    # a full step came between: every token was recomputed
+            staleness = torch.zeros_like(scores)
+        rank = scores.float().argsort(dim=1, stable=True).argsort(dim=1).float() / max(1, tokens - 1)
+        indices = allocate_tokens(rank + self.staleness_weight * staleness.to(rank.device), self.cache_ratio,
+                                  self.protected_last_blocks)[0]
+        staleness = staleness + 1
+        for block_id, index in enumerate(indices):
+            staleness[block_id, index] = 0
+        self._staleness[tokens] = (step, staleness)
+        return indices

@@ -120,8 +120,9 @@ def test_learned_plan_differs_from_fallback_and_does_the_asked_work(flux, traine
 
 def test_learned_selection_is_the_allocation_of_the_predictor_scores(flux, trained):
     """Independently of the planner: the scores the predictor gave at the last
-    P-step, averaged over the batch and allocated under the global ratio, are
-    the tokens every block recomputed."""
+    P-step (right after an I-step: no token is stale), averaged over the
+    batch, ranked within each block and allocated under the global ratio,
+    are the tokens every block recomputed."""
     (patched,) = TokenCacheNode.execute(flux, "tiny_flux.safetensors", 0.75, 3, 1, 0.0, 1.0, "measured").result
     settings = patched.model_options["transformer_options"][SETTINGS_KEY]
     predictor = settings.planner_args[1]
@@ -133,7 +134,10 @@ def test_learned_selection_is_the_allocation_of_the_predictor_scores(flux, train
         handle.remove()
     run = settings.last_run
     assert len(scores) == STEPS - 3                     # once per P-step, shared by cond and uncond
-    expected, _ = allocate_tokens(scores[-1].mean(dim=0), 0.75, 1)
+    assert _full_steps(run)[-1] == STEPS - 2            # the last P-step follows an I-step
+    last = scores[-1].mean(dim=0)
+    rank = last.argsort(dim=1, stable=True).argsort(dim=1).float() / (last.shape[1] - 1)
+    expected, _ = allocate_tokens(rank, 0.75, 1)
     for block, index in run.last_selection.items():
         assert torch.equal(index, expected[block]), block
 
@@ -243,7 +247,7 @@ def test_other_architectures_and_objectives_train(flux, architecture, objective)
 
 def test_training_settings_are_checked(flux):
     positive, negative, latent = _inputs(flux)
-    with pytest.raises(ValueError, match="objective='second_order'; accepted: chained, first_order"):
+    with pytest.raises(ValueError, match="objective='second_order'; accepted: chained, p_step, first_order"):
         train_predictor(flux, positive, negative, latent, TrainingSettings(objective="second_order"))
 
 

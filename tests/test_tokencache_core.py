@@ -14,7 +14,7 @@ from dit_token_cache.accel_core.predictor_file import (FORMAT_VERSION, Predictor
                                                         save_predictor)
 from dit_token_cache.accel_core.tokencache import (CachePredictor, FirstBlockPredictor, PlanningInput,
                                                    allocate_tokens, chained_reuse_loss, change_importance,
-                                                   place_i_steps, soft_reuse_loss, take_rows)
+                                                   TokenPlanner, place_i_steps, soft_reuse_loss, take_rows)
 
 B, L, D, N = 2, 16, 8, 3
 META = {"family": "Flux", "hidden_size": D, "blocks": N, "block_counts": {"double": 1, "single": 2},
@@ -398,3 +398,29 @@ def test_headline_puts_the_speedup_first_and_fits_the_node():
     toca.warn_once("caching is off: reason")
     toca.note_once("a note for the log only")
     assert toca.headline("ToCa") == "ToCa 1.00x work (2 steps: 1 full, 1 conservative), cache 0.5 MiB\ncaching is off: reason"
+
+
+def test_planner_rotates_tokens_over_consecutive_p_steps_and_forgets_after_an_i_step():
+    """Constant scores: without staleness every P-step picks the same tokens;
+    with it a token recomputed at one P-step waits while others are picked,
+    and after an I-step (a step without a plan) the scores alone decide again."""
+    blocks, tokens = 3, 20
+    scores = torch.linspace(0, 1, tokens).repeat(blocks, 1)
+    inputs = PlanningInput(torch.zeros(1, tokens, D))
+
+    def planner(weight):
+        p = TokenPlanner(blocks, 0.75, 1, seed=0, fallback="random", staleness_weight=weight)
+        p.scores = lambda *args: scores
+        return p
+    fixed, rotating = planner(0.0), planner(2.0)
+    first = fixed.plan(inputs, 0.5, [None] * blocks, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, fixed.plan(inputs, 0.5, [None] * blocks, 2)))
+    picked = rotating.plan(inputs, 0.5, [None] * blocks, 1)
+    assert all(torch.equal(a, b) for a, b in zip(picked, first))          # nothing stale yet: the top scores
+    following = rotating.plan(inputs, 0.5, [None] * blocks, 2)
+    for block in range(blocks - 1):
+        assert len(following[block]) == len(picked[block]) == 5
+        assert not set(following[block].tolist()) & set(picked[block].tolist())
+    assert torch.equal(following[-1], torch.arange(tokens))                  # protected: every token
+    after_i_step = rotating.plan(inputs, 0.5, [None] * blocks, 4)             # step 3 was an I-step
+    assert all(torch.equal(a, b) for a, b in zip(after_i_step, first))
