@@ -18,6 +18,7 @@ presets, and what its conditioning and latents look like.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -756,3 +757,23 @@ def sample(
         model_patcher, seed, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=denoise
     )
     return out["samples"]
+
+
+@contextlib.contextmanager
+def split_cfg(model_patcher):
+    """While inside: ComfyUI finds no room to batch, so it runs cond and uncond one at a time."""
+    usual = model_patcher.model.memory_usage_factor
+    model_patcher.model.memory_usage_factor = 1e15
+    try:
+        yield
+    finally:
+        model_patcher.model.memory_usage_factor = usual
+
+
+def failing_clone(model_patcher):
+    """A clone of `model_patcher` whose every model call raises RuntimeError("boom")."""
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+    broken = model_patcher.clone()
+    broken.set_model_unet_function_wrapper(explode)
+    return broken

@@ -70,6 +70,14 @@ class _PStepRecorder:
         self._count = None             # tokens in the planning space (from the first block)
         self._args = {}
 
+    def take(self) -> list:
+        """The samples, and nothing of them kept here (the clone's patches and
+        the recorder form a cycle the garbage collector frees late)."""
+        samples, self.samples = self.samples, []
+        self._target = self._cached = self._tokens = None
+        self._args = {}
+        return samples
+
     def install(self, model_patcher):
         for block_id in sorted({0, *self.blocks}):
             self.adapter.wrap_block(model_patcher, block_id, functools.partial(self._block, block_id))
@@ -123,6 +131,17 @@ class _PStepRecorder:
         return call(args)
 
 
+def sample_for_training(model_patcher, settings, positive, negative, latent: dict, seed: int) -> None:
+    """One sampling run of `model_patcher` with the trainer's sampler settings
+    and noise seed `seed`, through ComfyUI's own sample(): what the recorders
+    installed on it see."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model_patcher, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    comfy.sample.sample(model_patcher, noise, settings.steps, settings.cfg, settings.sampler_name, settings.scheduler,
+                        positive, negative, latent_image, denoise=1.0, noise_mask=latent.get("noise_mask"),
+                        disable_pbar=True, seed=seed)
+
+
 def protected_blocks(adapter, protected_last_blocks: int) -> list:
     return list(range(max(0, adapter.block_count - protected_last_blocks), adapter.block_count))
 
@@ -134,15 +153,9 @@ def record_p_steps(model, adapter, predictor, calibration, config: CacheConfig, 
                                calibration=calibration)
     recorder = _PStepRecorder(adapter, protected_blocks(adapter, config.protected_last_blocks))
     recorder.install(cached)
-    latent_image = comfy.sample.fix_empty_latent_channels(cached, latent["samples"])
-    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     with torch.inference_mode():
-        comfy.sample.sample(cached, noise, settings.steps, settings.cfg, settings.sampler_name, settings.scheduler,
-                            positive, negative, latent_image, denoise=1.0, noise_mask=latent.get("noise_mask"),
-                            disable_pbar=True, seed=seed)
-    # the recorder lets go of its samples itself: it and the clone's patches form a cycle freed late
-    samples, recorder.samples = recorder.samples, []
-    return [_usable(sample) for sample in samples]
+        sample_for_training(cached, settings, positive, negative, latent, seed)
+    return [_usable(sample) for sample in recorder.take()]
 
 
 def new_lora(adapter, protected_last_blocks: int, rank: int, seed: int) -> BlockLoRA:

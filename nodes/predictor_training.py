@@ -35,14 +35,12 @@ import torch
 
 import comfy.model_management
 import comfy.patcher_extension
-import comfy.sample
-import comfy.utils
 
 from ..accel_core.tokencache import (CachePredictor, FirstBlockPredictor, PlanningInput, chained_reuse_loss,
                                      copy_each_once, loss_windows, map_block_args, map_tensors, soft_reuse_loss,
                                      soft_run_loss, training_step)
 from .families import adapter_for
-from .lora_training import train_lora
+from .lora_training import sample_for_training, train_lora
 from .patcher import transformer_options_of
 
 ARCHITECTURES = ("first_block", "mlp_mixer")
@@ -235,11 +233,7 @@ def record_trajectory(model, positive, negative, latent: dict, settings: Trainin
                          branches=settings.objective == "p_step")
     recording = model.clone()
     recorder.install(recording)
-    latent_image = comfy.sample.fix_empty_latent_channels(recording, latent["samples"])
-    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
-    comfy.sample.sample(recording, noise, settings.steps, settings.cfg, settings.sampler_name, settings.scheduler,
-                        positive, negative, latent_image, denoise=1.0, noise_mask=latent.get("noise_mask"),
-                        disable_pbar=True, seed=seed)
+    sample_for_training(recording, settings, positive, negative, latent, seed)
     return recorder.take(), recorder.subset
 
 

@@ -259,13 +259,9 @@ def test_deterministic_and_cfg_batched_equals_split(flux, trained):
     first, _ = _run(flux, "tiny_flux.safetensors")
     second, _ = _run(flux, "tiny_flux.safetensors")
     assert torch.equal(first, second)
-    usual = flux.model.memory_usage_factor
-    flux.model.memory_usage_factor = 1e15      # nothing fits: ComfyUI runs cond and uncond one at a time
-    try:
+    with tiny_models.split_cfg(flux):
         split, split_run = _run(flux, "tiny_flux.safetensors")
         split_fallback, _ = _run(flux)
-    finally:
-        flux.model.memory_usage_factor = usual
     assert split_run.stats.evaluations == 2 * STEPS
     torch.testing.assert_close(split, first, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(split_fallback, _run(flux)[0], rtol=1e-4, atol=1e-4)
@@ -273,24 +269,16 @@ def test_deterministic_and_cfg_batched_equals_split(flux, trained):
     default_precision, _ = _run(flux, "tiny_flux.safetensors", precision=DEFAULT_PRECISION)
     assert DEFAULT_PRECISION == "bf16" and torch.equal(default_precision, _run(flux, "tiny_flux.safetensors",
                                                                                 precision=DEFAULT_PRECISION)[0])
-    flux.model.memory_usage_factor = 1e15
-    try:
+    with tiny_models.split_cfg(flux):
         default_split, _ = _run(flux, "tiny_flux.safetensors", precision=DEFAULT_PRECISION)
-    finally:
-        flux.model.memory_usage_factor = usual
     assert float((default_split - default_precision).norm() / default_precision.norm()) < 1e-3
 
 
 def test_run_state_is_reset_after_an_error(flux, trained):
     (patched,) = TokenCacheNode.execute(flux, "tiny_flux.safetensors", 0.75, 3, 1, 0.0, 1.0, "measured").result
     settings = patched.model_options["transformer_options"][SETTINGS_KEY]
-
-    def explode(*args, **kwargs):
-        raise RuntimeError("boom")
-    broken = patched.clone()
-    broken.set_model_unet_function_wrapper(explode)
     with pytest.raises(RuntimeError, match="boom"):
-        tiny_models.sample(broken, FAMILY, **SAMPLING)
+        tiny_models.sample(tiny_models.failing_clone(patched), FAMILY, **SAMPLING)
     assert settings.active_run is None
     out, _ = _run(flux, "tiny_flux.safetensors")
     assert torch.equal(out, _run(flux, "tiny_flux.safetensors")[0])

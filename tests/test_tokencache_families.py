@@ -160,25 +160,16 @@ def test_deterministic_cfg_split_matches_batched_and_reset_after_an_error(family
     first, run = _run(family, model, name)
     assert run.stats.counts()["conservative"] > 0 and not run.stats.notes
     assert torch.equal(first, _run(family, model, name)[0])
-    usual = model.model.memory_usage_factor
-    model.model.memory_usage_factor = 1e15      # nothing fits: ComfyUI runs cond and uncond one at a time
-    try:
+    with tiny_models.split_cfg(model):
         split, split_run = _run(family, model, name)
-    finally:
-        model.model.memory_usage_factor = usual
     assert split_run.stats.evaluations == 2 * run.stats.evaluations
     # scaled: the tiny PixArt's latents reach thousands (test_families_modulewise.py)
     torch.testing.assert_close(split, first, rtol=1e-4, atol=1e-4 * max(1.0, float(first.abs().max())))
     (patched,) = TokenCacheNode.execute(model, name, RUN["cache_ratio"], RUN["i_steps"], RUN["protected_last_blocks"],
                                         0.0, 1.0, "measured", cache_precision="model").result
     settings = patched.model_options["transformer_options"][SETTINGS_KEY]
-
-    def explode(*args, **kwargs):
-        raise RuntimeError("boom")
-    broken = patched.clone()
-    broken.set_model_unet_function_wrapper(explode)
     with pytest.raises(RuntimeError, match="boom"):
-        tiny_models.sample(broken, family, steps=STEPS, seed=5, cfg=CFG, **FAMILIES[family][0])
+        tiny_models.sample(tiny_models.failing_clone(patched), family, steps=STEPS, seed=5, cfg=CFG, **FAMILIES[family][0])
     assert settings.active_run is None
     assert torch.equal(_run(family, model, name)[0], first)
 

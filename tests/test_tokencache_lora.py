@@ -237,12 +237,8 @@ def test_with_adapters_runs_repeat_exactly_and_split_cfg_matches_batched(flux, t
         return out, patched.model_options["transformer_options"][SETTINGS_KEY].last_run
     first, first_run = run()
     assert torch.equal(first, run()[0])
-    usual = flux.model.memory_usage_factor
-    flux.model.memory_usage_factor = 1e15      # nothing fits: ComfyUI runs cond and uncond one at a time
-    try:
+    with tiny_models.split_cfg(flux):
         split, split_run = run()
-    finally:
-        flux.model.memory_usage_factor = usual
     assert split_run.stats.evaluations == 2 * first_run.stats.evaluations
     # the adapters did the same work either way, and the images agree to float rounding
     assert first_run.stats.adapter_flops > 0

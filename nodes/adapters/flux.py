@@ -126,6 +126,21 @@ class FluxFamilyAdapter:
         """The tokens the output layer reads: the image tokens, after the text."""
         return x[:, -count:]
 
+    def _kind_and_block(self, block_id):
+        if block_id < len(self.double_blocks):
+            return "double", self.double_blocks[block_id]
+        return "single", self.single_blocks[block_id - len(self.double_blocks)]
+
+    def _on_tokens(self, block_id: int, x: torch.Tensor, args: dict, txt_len: int):
+        """(kind, block, its args) of block l on the joint tokens x = cat(txt, img)."""
+        kind, block = self._kind_and_block(block_id)
+        step_args = {**args, "txt": x[:, :txt_len], "img": x[:, txt_len:]} if kind == "double" else {**args, "img": x}
+        return kind, block, step_args
+
+    def _no_token_rows(self, block_id: int) -> ValueError:
+        return ValueError(f"{self.family} block {block_id}: per-token modulation without a known row for each "
+                          "token; train with objective first_order")
+
     def block_contribution(self, block_id: int, x: torch.Tensor, args: dict, txt_len: int,
                            dtype: torch.dtype) -> torch.Tensor:
         """f_l(x) = block(x) - x for the joint tokens x = cat(txt, img), through
@@ -133,31 +148,18 @@ class FluxFamilyAdapter:
         got in a recorded evaluation (autograd reaches x; activations are
         recomputed in the backward pass)."""
         x = x.to(dtype)
-        if block_id < len(self.double_blocks):
-            kind, block = "double", self.double_blocks[block_id]
-            step_args = {**args, "txt": x[:, :txt_len], "img": x[:, txt_len:]}
-        else:
-            kind, block = "single", self.single_blocks[block_id - len(self.double_blocks)]
-            step_args = {**args, "img": x}
+        kind, block, step_args = self._on_tokens(block_id, x, args, txt_len)
         out = torch.utils.checkpoint.checkpoint(run_block_for_autograd, kind, block, step_args, use_reentrant=False)
         if out is None:
-            raise ValueError(f"{self.family} block {block_id}: per-token modulation without a known row for "
-                             "each token; train with objective first_order")
+            raise self._no_token_rows(block_id)
         return out - x
-
-    def _kind_and_block(self, block_id):
-        if block_id < len(self.double_blocks):
-            return "double", self.double_blocks[block_id]
-        return "single", self.single_blocks[block_id - len(self.double_blocks)]
 
     def record_block(self, block_id: int, call, args: dict):
         """(output, branches): the block run as a full step runs it, bit-identical
         to its own forward, with the branch outputs a P-step reuses."""
-        kind, block = self._kind_and_block(block_id)
-        out, branches = recorded_block(kind, block, args)
+        out, branches = recorded_block(*self._kind_and_block(block_id), args)
         if out is None:
-            raise ValueError(f"{self.family} block {block_id}: per-token modulation without a known row for each "
-                             "token; train with objective first_order")
+            raise self._no_token_rows(block_id)
         return out, branches
 
     def p_step_contribution(self, block_id: int, x: torch.Tensor, args: dict, txt_len: int, dtype: torch.dtype,
@@ -167,8 +169,7 @@ class FluxFamilyAdapter:
         branches) re-gated, the MLP recomputed or reused (soft), as
         double_block / single_block do with hard selections."""
         x = x.to(dtype)
-        kind, block = self._kind_and_block(block_id)
-        step_args = {**args, "txt": x[:, :txt_len], "img": x[:, txt_len:]} if kind == "double" else {**args, "img": x}
+        kind, block, step_args = self._on_tokens(block_id, x, args, txt_len)
         out = torch.utils.checkpoint.checkpoint(run_p_step_for_autograd, kind, block, step_args, a, cached, txt_len,
                                                 use_reentrant=False)
         return out - x

@@ -421,15 +421,20 @@ class ModulewiseAdapter:
         own block l in `dtype`, with its other inputs from rest_of_inputs
         (autograd reaches x; activations are recomputed in the backward pass)."""
         x = x.to(dtype)
-        path, block, group = self.blocks[block_id]
-        args, kwargs = split_call(block_args)
-        after = _tokens_of(args, kwargs, group.token_input)
-        # a new tensor: blocks may add to their input in place
-        tokens = torch.cat((x, after.to(dtype)), dim=1) if after.shape[1] else x.clone()
-        args, kwargs = _with_tokens(args, kwargs, group.token_input, tokens)
-        out = torch.utils.checkpoint.checkpoint(call_for_autograd, _ClassForward(block), args, kwargs,
-                                                use_reentrant=False)
+        args, kwargs, _ = self._call_on(block_id, x, block_args)
+        out = torch.utils.checkpoint.checkpoint(call_for_autograd, _ClassForward(self.blocks[block_id][1]), args,
+                                                kwargs, use_reentrant=False)
         return self.tokens_out(block_id, out, x.shape[1]) - x
+
+    def _call_on(self, block_id: int, x: torch.Tensor, block_args: dict):
+        """(args, kwargs) of block l on the planned tokens x followed by the
+        tokens rest_of_inputs kept after them, and how many those are."""
+        slot = self._group(block_id).token_input
+        args, kwargs = split_call(block_args)
+        after = _tokens_of(args, kwargs, slot)
+        # a new tensor: blocks may add to their input in place
+        tokens = torch.cat((x, after.to(x.dtype)), dim=1) if after.shape[1] else x.clone()
+        return (*_with_tokens(args, kwargs, slot, tokens), after.shape[1])
 
 
     def record_block(self, block_id: int, call, block_args: dict):
@@ -456,11 +461,8 @@ class ModulewiseAdapter:
         planned ones are recomputed (a = 1), as _module does with hard selections."""
         x = x.to(dtype)
         path, block, group = self.blocks[block_id]
-        args, kwargs = split_call(block_args)
-        after = _tokens_of(args, kwargs, group.token_input)
-        tokens = torch.cat((x, after.to(dtype)), dim=1) if after.shape[1] else x.clone()
-        a = torch.cat((a, a.new_ones(a.shape[0], after.shape[1])), dim=1) if after.shape[1] else a
-        args, kwargs = _with_tokens(args, kwargs, group.token_input, tokens)
+        args, kwargs, after = self._call_on(block_id, x, block_args)
+        a = torch.cat((a, a.new_ones(a.shape[0], after)), dim=1)
         out = torch.utils.checkpoint.checkpoint(_p_step_run, block, group, args, kwargs, a, cached,
                                                 use_reentrant=False)
         return self.tokens_out(block_id, out, x.shape[1]) - x
