@@ -79,15 +79,16 @@ def trained(tiny_model, predictor_dir):
     gc.collect()
 
 
-def _run(family, model, predictor=None, precision="model", fallback="change"):
-    """A TokenCache sample (the node with a file, else apply_token_cache with `fallback`) and its run."""
+def _run(family, model, predictor=None, precision="model", fallback="change", calibration=None):
+    """A TokenCache sample (the node with a file, else apply_token_cache with `fallback` and the
+    I-steps of `calibration`) and its run."""
     if predictor is not None:
         (patched,) = TokenCacheNode.execute(model, predictor, RUN["cache_ratio"], RUN["i_steps"],
                                             RUN["protected_last_blocks"], 0.0, 1.0, "measured",
                                             cache_precision=precision).result
     else:
         patched = apply_token_cache(model, CacheConfig(mode="tokencache", cache_precision=precision, **RUN),
-                                    fallback=fallback)
+                                    fallback=fallback, calibration=calibration)
     out = tiny_models.sample(patched, family, steps=STEPS, seed=5, cfg=CFG, **FAMILIES[family][0])
     return out, patched.model_options["transformer_options"][SETTINGS_KEY].last_run
 
@@ -142,9 +143,14 @@ def test_learned_plan_differs_from_random_at_the_same_work(family, trained):
     model, path = trained(family)
     name = path.rsplit("/", 1)[-1]
     learned, learned_run = _run(family, model, name)
-    chance, random_run = _run(family, model, fallback="random")
-    blocks = adapter_for(model).block_count
+    # random scores at the learned run's I-steps: the P-steps differ in their tokens only
+    adapter = adapter_for(model)
+    metadata = load_predictor(path, first_block=adapter.predictor_parts)[1]
+    chance, random_run = _run(family, model, fallback="random",
+                              calibration=step_importance(metadata["calibration"], "measured"))
+    blocks = adapter.block_count
     cached = range(blocks - RUN["protected_last_blocks"])
+    assert learned_run.schedule.kinds == random_run.schedule.kinds
     assert learned_run.stats.counts() == random_run.stats.counts()
     assert learned_run.stats.token_fraction == pytest.approx(random_run.stats.token_fraction)
     assert sorted(learned_run.last_selection) == sorted(random_run.last_selection) == list(cached)
