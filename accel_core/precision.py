@@ -24,6 +24,7 @@ import torch
 PRECISIONS = ("model", "bf16", "fp8")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
+FP8_SCALE_BYTES = 4   # float32 scale per token
 
 
 @dataclass
@@ -88,8 +89,16 @@ def packed_bytes(value: torch.Tensor, precision: str, dim: int = 1) -> int:
     """What pack(value, precision) would store, without storing it."""
     storage = _storage(value, precision, dim)
     if storage == "fp8":
-        return value.numel() + value.numel() // value.shape[-1] * 4
+        return value.numel() + value.numel() // value.shape[-1] * FP8_SCALE_BYTES
     return value.numel() * (2 if storage == "bf16" else value.element_size())
+
+
+def stored_bytes(tokens: int, width: int, dtype_bytes: int, precision: str) -> int:
+    """What pack() stores of a float feature of `tokens` x `width` values
+    computed at `dtype_bytes` per value: packed_bytes without the tensor."""
+    if precision == "fp8":
+        return tokens * width + tokens * FP8_SCALE_BYTES
+    return tokens * width * (min(2, dtype_bytes) if precision == "bf16" else dtype_bytes)
 
 
 def pack(value: torch.Tensor, precision: str, device: Optional[torch.device] = None, dim: int = 1) -> Packed:

@@ -7,13 +7,16 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.samplers
 
+from ..accel_core import memory
 from ..accel_core.config import CacheConfig
 from ..accel_core.lora import adapted_forward
 from ..accel_core.run import CacheRun
@@ -30,8 +33,9 @@ class TokenCacheSettings:
     """What the node chose. A fresh CacheRun is made from it for every sampling
     run, so two KSamplers sharing one patched model never share state."""
 
-    def __init__(self, config: CacheConfig, name: str, node_id=None, planner_args=None, calibration=None):
+    def __init__(self, config: CacheConfig, name: str, adapter, node_id=None, planner_args=None, calibration=None):
         self.config = config
+        self.adapter = adapter   # the family adapter of the patched model
         self.name = name
         self.node_id = node_id
         self.planner_args = planner_args   # TokenCache: (block count, predictor or None, fallback scoring)
@@ -76,26 +80,47 @@ def show_on_node(node_id, text: str) -> None:
         pass   # ComfyUI used as a library: no server to show it on
 
 
-def conds_per_step(guider) -> int:
-    """Cond entries the guider evaluates at every step (cond and uncond, or
-    cond alone where ComfyUI skips the uncond at cfg 1)."""
+def evaluated_conds(guider) -> list:
+    """(name, entry) of the conds the guider evaluates at every step (cond and
+    uncond, or cond alone where ComfyUI skips the uncond at cfg 1)."""
     conds = getattr(guider, "conds", None) or {}
     skip_negative = math.isclose(getattr(guider, "cfg", 1.0), 1.0) and \
         not guider.model_options.get("disable_cfg1_optimization", False)
-    return max(1, sum(len(entries) for name, entries in conds.items() if not (name == "negative" and skip_negative)))
+    return [(name, entry) for name, entries in conds.items() if not (name == "negative" and skip_negative)
+            for entry in entries]
 
 
-def reserved_for_cache(settings: "TokenCacheSettings", size_key) -> int:
+def projected_cache_bytes(settings: "TokenCacheSettings", run: CacheRun, model, conds: list, args, kwargs) -> int:
+    """The cache this run will take (accel_core/memory.py), from the latent
+    size and each cond's text length as the model will get it: ComfyUI's own
+    extra_conds pads or adds text streams (Flux 2 pads to 512 tokens)."""
+    noise = args[0]
+    sampling_inputs = dict(latent_image=args[1], denoise_mask=args[4] if len(args) > 4 else kwargs.get("denoise_mask"),
+                           seed=args[7] if len(args) > 7 else kwargs.get("seed"))
+    dtype_bytes = torch.empty((), dtype=model.get_dtype_inference()).element_size()
+    changes = run.planner is not None and run.planner.uses_changes
+    total = 0
+    for name, entry in conds:
+        model_conds = comfy.samplers.encode_model_conds(model.extra_conds, [entry], noise, noise.device, name,
+                                                        **sampling_inputs)[0]["model_conds"]
+        layout = settings.adapter.cache_layout(noise.shape, settings.adapter.text_tokens(model_conds), dtype_bytes)
+        total += memory.projected_cache_bytes(layout, settings.config, changes, rows=noise.shape[0])
+    return total
+
+
+def reserved_for_cache(settings: "TokenCacheSettings", size_key, projected: Callable[[], int]) -> int:
     """GPU memory ComfyUI keeps free for the cache while it loads models, where
     the cache lives with the model: the budget if one is set, else what the
-    cache took in the last run of this latent size and cond count (nothing
-    before the first such run)."""
+    cache took in the last run of this latent size and cond count, or before
+    the first such run its projection."""
     config = settings.config
     if config.cache_device != "model_device":
         return 0
     if config.cache_budget_gb > 0:
         return int(config.cache_budget_bytes)
-    return settings.measured_peaks.get(size_key, 0)
+    if size_key in settings.measured_peaks:
+        return settings.measured_peaks[size_key]
+    return projected()
 
 
 def refuse_multigpu_copies(model_patcher, name: str) -> None:
@@ -119,13 +144,16 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     transformer_options = guider.model_options["transformer_options"]
     sigmas = args[3]
-    conds = conds_per_step(guider)
+    cond_entries = evaluated_conds(guider)
+    conds = max(1, len(cond_entries))
     size_key = (tuple(args[0].shape), conds)
-    run = settings.new_run(guider.model_patcher.model.model_sampling, sigmas, conds)
+    model = guider.model_patcher.model
+    run = settings.new_run(model.model_sampling, sigmas, conds)
     transformer_options[RUN_KEY] = run
     settings.active_run = run
     # ComfyUI's own reservation: model loading (inside this call) leaves the cache room
-    reserved = reserved_for_cache(settings, size_key)
+    reserved = reserved_for_cache(settings, size_key,
+                                  lambda: projected_cache_bytes(settings, run, model, cond_entries, args, kwargs))
     comfy.model_management.EXTRA_RESERVED_VRAM += reserved
     try:
         return executor(*args, **kwargs)
@@ -285,7 +313,7 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
         message = f"{name} replaces {earlier.name} applied earlier to this model: only the last token cache node applies"
         logging.warning(message)
         show_on_node(node_id, message)
-    settings = TokenCacheSettings(config, name, node_id, planner_args, calibration)
+    settings = TokenCacheSettings(config, name, adapter, node_id, planner_args, calibration)
     patched.model_options["transformer_options"][SETTINGS_KEY] = settings
     if config.caches_something:
         def install():

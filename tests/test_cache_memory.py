@@ -183,15 +183,19 @@ def test_model_loading_keeps_room_for_the_cache_while_sampling(tiny_model):
     offloaded.set_model_unet_function_wrapper(watch)
     _sample(family, offloaded)
     assert set(seen) == {usual}
-    # without a budget: what the cache took in the last run of this size, nothing before the first
+    # without a budget: the projection before the first run of a size (test_cache_projection.py: it
+    # equals the run's peak), then what the cache took in the last run of this size
     unbounded = apply_token_cache(model, CacheConfig(cycle_length=3))
     unbounded.set_model_unet_function_wrapper(watch)
-    for expected in (0, None):
+    settings = unbounded.model_options["transformer_options"][SETTINGS_KEY]
+    for width in (64, 64, 32):
         seen.clear()
-        _sample(family, unbounded)
-        peak = unbounded.model_options["transformer_options"][SETTINGS_KEY].last_run.stats.peak_cache_bytes
-        assert peak > 0 and set(seen) == {usual + (peak if expected is None else expected)}
+        _sample(family, unbounded, width=width, height=width)
+        peak = settings.last_run.stats.peak_cache_bytes
+        assert peak > 0 and set(seen) == {usual + peak}
+    assert settings.measured_peaks[((1, 16, 8, 8), 2)] > settings.measured_peaks[((1, 16, 4, 4), 2)]
+    settings.measured_peaks[((1, 16, 8, 8), 2)] = 12345   # a measured size reserves its measurement
     seen.clear()
-    _sample(family, unbounded, width=32, height=32)   # another size: not measured yet
-    assert set(seen) == {usual}
+    _sample(family, unbounded)
+    assert set(seen) == {usual + 12345}
     assert comfy.model_management.extra_reserved_memory() == usual

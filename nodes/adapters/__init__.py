@@ -2,9 +2,12 @@
 subset. The run (accel_core.run.CacheRun) decides what each step computes;
 an adapter computes what it is told, through the family's own submodules."""
 import copy
+import math
 from typing import Optional, Protocol, Sequence
 
 import torch
+
+from ...accel_core.memory import CacheLayout
 
 
 class Adapter(Protocol):
@@ -21,6 +24,13 @@ class Adapter(Protocol):
     output_layer: str            # module after the blocks that the LoRA refinement is trained through
     first_block_kind: str        # what a first-block predictor copies, checked when its file is loaded
     autograd_through_blocks: bool  # whether training can backpropagate through the blocks (chained, first_block, LoRA)
+
+    def cache_layout(self, latent_shape: Sequence[int], text_tokens: int, dtype_bytes: int) -> CacheLayout:
+        """What one cond's cache holds at this latent size and text length
+        (accel_core.memory), for the memory ComfyUI keeps free before a run."""
+
+    def text_tokens(self, model_conds: dict) -> int:
+        """Text tokens the blocks see for a cond, from its model inputs (ComfyUI's extra_conds output)."""
 
     def install(self, model_patcher, hooks) -> None:
         """Patch the cloned ModelPatcher so its blocks hand their work to the run
@@ -63,6 +73,29 @@ class Adapter(Protocol):
     def block_contribution(self, block_id: int, x: torch.Tensor, block_args, txt_len: int,
                            dtype: torch.dtype) -> torch.Tensor:
         """f_l(x) = block(x) - x through the model's own block, for chained training."""
+
+
+def latent_tokens(latent_shape: Sequence[int], patch) -> int:
+    """Tokens of one latent [batch, channels, (frames,) height, width] cut into
+    patches: `patch` per dimension, or an int for height and width only; the
+    models pad a partial patch."""
+    dims = list(latent_shape[2:])
+    if isinstance(patch, int):
+        patch = (1,) * (len(dims) - 2) + (patch, patch)
+    patch = tuple(patch)[-len(dims):]
+    return math.prod(math.ceil(d / p) for d, p in zip(dims, patch))
+
+
+def cond_tensor(model_conds: dict, name: str) -> Optional[torch.Tensor]:
+    """A tensor of a cond's model inputs (ComfyUI's extra_conds output)."""
+    cond = model_conds.get(name)
+    return getattr(cond, "cond", None)
+
+
+def cross_attn_tokens(model_conds: dict) -> int:
+    """Text tokens of a cond: its cross-attention context as the model gets it (0 without one)."""
+    context = cond_tensor(model_conds, "c_crossattn")
+    return context.shape[1] if context is not None and context.ndim >= 3 else 0
 
 
 def plain_float_copy(block: torch.nn.Module, for_training: bool = True) -> torch.nn.Module:

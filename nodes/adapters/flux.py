@@ -11,10 +11,11 @@ import torch.utils.checkpoint
 from comfy.ldm.flux.math import apply_rope1
 
 from ...accel_core.config import SELECTORS
+from ...accel_core.memory import BlockCache, CacheLayout
 from ...accel_core.run import BlockMode
 from ...accel_core.schedule import StepKind
 from ...accel_core.tokencache import PlanningInput
-from . import plain_float_copy
+from . import cross_attn_tokens, latent_tokens, plain_float_copy
 from .flux_blocks import (double_block_forward, double_token_mods, finite_fp16, gated, linear_params, mlp_branch,
                           modulate, single_block_forward, single_finish, single_mlp_act, single_mod, take_tokens,
                           token_mods)
@@ -50,6 +51,20 @@ class FluxFamilyAdapter:
         self.double_mlp_flops = 2 * (linear_params(first_double.img_mlp)) if first_double else 0
         first_single = self.single_blocks[0]
         self.single_flops = 2 * (linear_params(first_single.linear1) + linear_params(first_single.linear2))
+
+    # -- what the cache will hold ------------------------------------------------
+    text_tokens = staticmethod(cross_attn_tokens)
+
+    def cache_layout(self, latent_shape, text_tokens: int, dtype_bytes: int) -> CacheLayout:
+        """Double blocks: attention and MLP outputs of each stream; single
+        blocks: attention output and block output over cat(txt, img); a
+        staleness counter and the selector's input over the joint tokens."""
+        img = latent_tokens(latent_shape, self.diffusion_model.patch_size)
+        joint = img + text_tokens
+        double = BlockCache((img, img, text_tokens, text_tokens), (joint,), (joint,), planned=joint)
+        single = BlockCache((joint, joint), (joint,), (joint,), planned=joint)
+        return CacheLayout(self.hidden, dtype_bytes, (double,) * len(self.double_blocks) +
+                           (single,) * len(self.single_blocks), (joint,))
 
     # -- ComfyUI patch entry points ---------------------------------------------
     def install(self, model_patcher, hooks):

@@ -23,4 +23,5 @@ def adapter(diffusion_model, family):
         CachedModule("attn2", SUBSET),
         CachedModule("ff", SUBSET),
     ), block_input)], output_layer="norm_out",   # norm_out, scale/shift, proj_out: trained on norm_out's output
-        autograd_through_blocks=False)   # `x += ...` after rms_norm(x) saved x: no backward through a block
+        autograd_through_blocks=False,   # `x += ...` after rms_norm(x) saved x: no backward through a block
+        patch=diffusion_model.patchifier.patch_size)

@@ -15,4 +15,4 @@ def adapter(diffusion_model, family):
     return ModulewiseAdapter(diffusion_model, family, [BlockGroup("layers", (
         CachedModule("attention", REUSE),
         CachedModule("feed_forward", SUBSET),
-    ), _skipped_block)], output_layer="final_layer")
+    ), _skipped_block, text_in_tokens=True)], output_layer="final_layer")

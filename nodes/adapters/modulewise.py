@@ -29,9 +29,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.utils.checkpoint
 
+from ...accel_core.memory import BlockCache, CacheLayout
 from ...accel_core.run import BlockMode, staleness_key
 from ...accel_core.tokencache import PlanningInput, call_for_autograd, map_block_args, map_tensors
-from . import plain_float_copy
+from . import cross_attn_tokens, latent_tokens, plain_float_copy
 
 REUSE, SUBSET = "reuse", "subset"
 SELECTORS = ("random", "similarity")
@@ -45,6 +46,7 @@ class CachedModule:
     input_name: str = ""    # keyword the block passes the token input by, when not positional
     context_linears: tuple = ()  # linear children run on another input (cross-attention K/V of text or image), not per token
     work_of: str = ""       # module whose linear layers count as this one's work, when it stands for more (SD3: attn.proj for attn)
+    output_streams: tuple = ()   # stream of each output part, when it returns more than its own (joint attention: (0, 1))
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class BlockGroup:
     passthrough: Callable[[tuple, dict], Any]   # what a block returns when skipped: its input, in its output structure
     token_input: tuple = (0, "x")               # (position, keyword) of the image/video tokens in a block call
     token_output: Optional[int] = None          # their place in the block's output tuple (None: the output is them)
+    text_in_tokens: bool = False                # those tokens carry the text too (one joint stream)
 
 
 POSITIONAL = "positional_args"   # a block call as one dict (TokenCache's block args): positional args + keywords
@@ -171,8 +174,10 @@ class ModulewiseAdapter:
     token_layout = "the image/video tokens entering the first block"
 
     def __init__(self, diffusion_model, family: str, groups: Sequence[BlockGroup], output_layer: str,
-                 autograd_through_blocks: bool = True):
+                 autograd_through_blocks: bool = True, patch=None, text_tokens=cross_attn_tokens):
         self.family = family
+        self.patch = diffusion_model.patch_size if patch is None else patch   # latent values per token, per dimension
+        self.text_tokens = text_tokens   # cond entry -> text tokens the blocks see
         # False where the blocks add to tensors autograd has saved (in place): no training runs through them
         self.autograd_through_blocks = autograd_through_blocks
         self.diffusion_model = diffusion_model
@@ -187,6 +192,29 @@ class ModulewiseAdapter:
         self.block_count = len(self.blocks)
         self.call: Optional[_BlockCall] = None
         self.planned_tokens = 0   # tokens in TokenCache's planning space at the evaluation under way
+
+    # -- what the cache will hold ------------------------------------------------
+    def cache_layout(self, latent_shape, text_tokens: int, dtype_bytes: int) -> CacheLayout:
+        """Per block: every output part of its cached modules over the tokens of
+        its stream, a staleness counter per stream, a selector input per
+        token-wise module; the last block's output (a text part only where
+        that block still has a text stream)."""
+        image = latent_tokens(latent_shape, self.patch)
+        blocks = []
+        for _, _, group in self.blocks:
+            tokens = (image + text_tokens if group.text_in_tokens else image, text_tokens)
+            features = [tokens[stream] for spec in group.modules for stream in spec.output_streams or (spec.stream,)]
+            streams = sorted({spec.stream for spec in group.modules})
+            subsets = [tokens[spec.stream] for spec in group.modules if spec.role == SUBSET]
+            blocks.append(BlockCache(tuple(features), tuple(tokens[s] for s in streams), tuple(subsets)))
+        first = self.blocks[0][2]
+        planned = image + text_tokens if first.text_in_tokens else image
+        blocks = [BlockCache(b.features, b.counters, b.selector_inputs, planned) for b in blocks]
+        last = self.blocks[-1][2]
+        final = (tokens[0],) if last.token_output is None else tuple(
+            tokens[0 if i == last.token_output else 1] for i in range(2)
+            if i == last.token_output or any(spec.stream == 1 for spec in last.modules))
+        return CacheLayout(self.hidden, dtype_bytes, tuple(blocks), final)
 
     def install(self, model_patcher, hooks):
         current_run = hooks.current_run

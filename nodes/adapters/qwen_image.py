@@ -16,7 +16,7 @@ def _skipped_block(args, kwargs):
 
 def adapter(diffusion_model, family):
     return ModulewiseAdapter(diffusion_model, family, [BlockGroup("transformer_blocks", (
-        CachedModule("attn", REUSE, input_name="hidden_states"),
+        CachedModule("attn", REUSE, input_name="hidden_states", output_streams=(0, 1)),
         CachedModule("img_mlp", SUBSET),
         CachedModule("txt_mlp", SUBSET, stream=1),
     ), _skipped_block, token_input=(0, "hidden_states"), token_output=1)],
