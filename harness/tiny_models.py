@@ -81,6 +81,8 @@ _FLUX_CONFIG = {
 _FLUX_SIZES = {
     "tiny": {"hidden_size": 256, "depth": 2, "depth_single_blocks": 2, "dtype": "float32"},
     "bench": {"hidden_size": 768, "depth": 4, "depth_single_blocks": 8, "dtype": "bfloat16"},
+    # Flux.1's own sizes (12B), for bench/gpu: built on the GPU, never written to a file
+    "full": {"hidden_size": 3072, "depth": 19, "depth_single_blocks": 38, "context_in_dim": 4096, "dtype": "bfloat16"},
 }
 _TUNABLE = frozenset({"hidden_size", "depth", "depth_single_blocks", "context_in_dim", "dtype"})
 
@@ -550,13 +552,13 @@ def _import(dotted: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _randomize_(model: torch.nn.Module, seed: int, buffers: tuple = ()) -> None:
-    """Refill every parameter, then the named buffers, from one seeded stream.
+def _randomize_(model: torch.nn.Module, seed: int, buffers: tuple = (), device: str = "cpu") -> None:
+    """Refill every parameter, then the named buffers, from one seeded stream on `device`.
 
     Nothing keeps its usual zero/identity init: zero-initialised gates and modulations would
     make whole blocks no-ops. Fan-in-scaled normals keep activations O(1) through the blocks.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, param in (*model.named_parameters(), *((name, model.get_buffer(name)) for name in buffers)):
             if param.ndim >= 2:
@@ -566,11 +568,12 @@ def _randomize_(model: torch.nn.Module, seed: int, buffers: tuple = ()) -> None:
             else:  # norm scales
                 mean, std = 1.0, 0.1
             # Drawn in float32 whatever the save dtype: normal_ is several times slower in bfloat16.
-            param.copy_(torch.empty(param.shape).normal_(mean, std, generator=generator))
+            param.copy_(torch.empty(param.shape, device=device).normal_(mean, std, generator=generator))
 
 
-def build_state_dict(family: str, seed: int = 0, size: str = "tiny", **overrides) -> dict:
-    """Random weights for one family, keyed the way ComfyUI saves that family."""
+def build_state_dict(family: str, seed: int = 0, size: str = "tiny", device: str = "cpu", **overrides) -> dict:
+    """Random weights for one family, keyed the way ComfyUI saves that family, made on
+    `device` (a full-size model straight on a GPU; the same seed draws other values there)."""
     ensure_comfy()
     config = model_config(family, size, **overrides)
     dtype = getattr(torch, config.pop("dtype"))
@@ -580,11 +583,11 @@ def build_state_dict(family: str, seed: int = 0, size: str = "tiny", **overrides
     model_class = _import(spec.model_class)
     # Built on the meta device with plain torch.nn ops: no time spent on an init we replace.
     model = model_class(**config, dtype=dtype, device="meta", operations=torch.nn)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     unset = set(model.state_dict()) - {name for name, _ in model.named_parameters()} - set(spec.learned_buffers)
     if unset:
         raise RuntimeError(f"{family}: buffers {sorted(unset)} in the state dict would be saved uninitialised")
-    _randomize_(model, seed, spec.learned_buffers)
+    _randomize_(model, seed, spec.learned_buffers, device)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
