@@ -100,11 +100,16 @@ def projected_cache_bytes(settings: "TokenCacheSettings", run: CacheRun, model, 
     dtype_bytes = torch.empty((), dtype=model.get_dtype_inference()).element_size()
     changes = run.planner is not None and run.planner.uses_changes
     total = 0
-    for name, entry in conds:
-        model_conds = comfy.samplers.encode_model_conds(model.extra_conds, [entry], noise, noise.device, name,
-                                                        **sampling_inputs)[0]["model_conds"]
-        layout = settings.adapter.cache_layout(noise.shape, settings.adapter.text_tokens(model_conds), dtype_bytes)
-        total += memory.projected_cache_bytes(layout, settings.config, changes, rows=noise.shape[0])
+    try:
+        for name, entry in conds:
+            model_conds = comfy.samplers.encode_model_conds(model.extra_conds, [entry], noise, noise.device, name,
+                                                            **sampling_inputs)[0]["model_conds"]
+            layout = settings.adapter.cache_layout(noise.shape, settings.adapter.text_tokens(model_conds), dtype_bytes)
+            total += memory.projected_cache_bytes(layout, settings.config, changes, rows=noise.shape[0])
+    except Exception as error:   # a memory hint never stops a run: ComfyUI's own conditioning will say what is wrong
+        logging.warning(f"{settings.name}: the cache size could not be projected ({error!r}); "
+                        "nothing is reserved for it in this first run of this size")
+        return 0
     return total
 
 
@@ -140,20 +145,18 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
     settings: TokenCacheSettings = guider.model_options["transformer_options"][SETTINGS_KEY]
     refuse_multigpu_copies(guider.model_patcher, settings.name)
-    original_options = guider.model_options
-    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-    transformer_options = guider.model_options["transformer_options"]
-    sigmas = args[3]
     cond_entries = evaluated_conds(guider)
     conds = max(1, len(cond_entries))
     size_key = (tuple(args[0].shape), conds)
     model = guider.model_patcher.model
-    run = settings.new_run(model.model_sampling, sigmas, conds)
-    transformer_options[RUN_KEY] = run
-    settings.active_run = run
+    run = settings.new_run(model.model_sampling, args[3], conds)
     # ComfyUI's own reservation: model loading (inside this call) leaves the cache room
     reserved = reserved_for_cache(settings, size_key,
                                   lambda: projected_cache_bytes(settings, run, model, cond_entries, args, kwargs))
+    original_options = guider.model_options
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    guider.model_options["transformer_options"][RUN_KEY] = run
+    settings.active_run = run
     comfy.model_management.EXTRA_RESERVED_VRAM += reserved
     try:
         return executor(*args, **kwargs)

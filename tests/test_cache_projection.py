@@ -5,6 +5,7 @@ family adapter's layout: it must be what the run then takes, byte for byte,
 on every family, with cond and uncond of different text lengths, for every
 mode, selector kind and precision."""
 import pytest
+import torch
 
 import comfy.model_management
 import tiny_models
@@ -64,3 +65,25 @@ def test_projection_counts_every_row_of_a_batch(tiny_model):
     one, _ = _reserved_and_taken(model, "wan_t2v", {}, **CASES["wan_t2v"])
     reserved, taken = _reserved_and_taken(model, "wan_t2v", {}, batch=3, **CASES["wan_t2v"])
     assert reserved == taken > 2 * one
+
+
+def test_a_failed_projection_reserves_nothing_and_the_run_goes_on(tiny_model, caplog):
+    model = tiny_model("flux_schnell")
+    usual = comfy.model_management.extra_reserved_memory()
+    patched = apply_token_cache(model, CacheConfig(cycle_length=3))
+    settings = patched.model_options["transformer_options"][SETTINGS_KEY]
+
+    def broken(model_conds):
+        raise RuntimeError("no text length")
+    settings.adapter.text_tokens = broken
+    seen = set()
+
+    def watch(apply_model, args):
+        seen.add(comfy.model_management.extra_reserved_memory() - usual)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    patched.set_model_unet_function_wrapper(watch)
+    out = tiny_models.sample(patched, "flux_schnell", steps=7, seed=3, cfg=2.0)
+    assert seen == {0} and "could not be projected" in caplog.text and settings.active_run is None
+    reference = tiny_models.sample(apply_token_cache(model, CacheConfig(cycle_length=3)), "flux_schnell", steps=7,
+                                   seed=3, cfg=2.0)
+    assert torch.equal(out, reference)
