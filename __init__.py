@@ -1,16 +1,14 @@
 """dit-token-cache: token-wise feature caching (DuCa, ToCa, TokenCache) for
-diffusion transformers in ComfyUI."""
-from comfy_api.v0_0_2 import ComfyExtension
+diffusion transformers in ComfyUI, and the same caches for diffusers
+(dit_token_cache.diffusers). Importing the package imports neither."""
+import os
 
-from .nodes.duca_node import DuCaCacheNode
-from .nodes.reference_nodes import DEMO_NODES
-from .nodes.tokencache_nodes import TOKENCACHE_NODES
-
-
-class TokenCacheExtension(ComfyExtension):
-    async def get_node_list(self):
-        return [DuCaCacheNode, *TOKENCACHE_NODES, *DEMO_NODES]
+# dit_token_cache.diffusers lives in integrations/diffusers: a top-level folder named
+# diffusers would shadow the real diffusers for anything run from the repository root
+__path__.append(os.path.join(os.path.dirname(__file__), "integrations"))
 
 
-async def comfy_entrypoint() -> TokenCacheExtension:
+async def comfy_entrypoint():
+    """ComfyUI's entry point for the pack's nodes (ComfyUI is imported from here on)."""
+    from .nodes.extension import TokenCacheExtension
     return TokenCacheExtension()

@@ -217,15 +217,21 @@ class ModulewiseAdapter:
         return CacheLayout(self.hidden, dtype_bytes, tuple(blocks), final)
 
     def install(self, model_patcher, hooks):
-        current_run = hooks.current_run
-        for block_id, (path, block, group) in enumerate(self.blocks):
+        def object_patch(path, wrap):
             forward = model_patcher.get_model_object(f"{path}.forward")
-            model_patcher.add_object_patch(f"{path}.forward", functools.partial(self._block, current_run, block_id, group, forward))
+            model_patcher.add_object_patch(f"{path}.forward", wrap(forward))
+        self.replace_forwards(object_patch, hooks.current_run)
+
+    def replace_forwards(self, replace, current_run):
+        """replace(path, wrap): the host's way of putting wrap(its forward) in
+        place of the forward of the module at `path` (ComfyUI: an object patch
+        of the clone; diffusers: a hook). current_run(): the run under way."""
+        for block_id, (path, block, group) in enumerate(self.blocks):
+            replace(path, lambda forward, b=block_id, g=group: functools.partial(self._block, current_run, b, g, forward))
             for spec in group.modules:
-                module_path = f"{path}.{spec.path}.forward"
-                forward = model_patcher.get_model_object(module_path)
                 flops = _linear_flops(block.get_submodule(spec.work_of or spec.path), spec.context_linears)
-                model_patcher.add_object_patch(module_path, functools.partial(self._module, current_run, block_id, spec, forward, flops))
+                replace(f"{path}.{spec.path}", lambda forward, b=block_id, m=spec, f=flops:
+                        functools.partial(self._module, current_run, b, m, forward, f))
 
     # -- block ------------------------------------------------------------------
     @torch.compiler.disable   # the cache's Python state stays out of torch.compile's graphs (nodes/patcher.py)

@@ -1,0 +1,176 @@
+"""The pack's caches on a diffusers transformer, through diffusers' own hooks.
+
+    from dit_token_cache.diffusers import apply_token_cache
+    handle = apply_token_cache(pipe.transformer, scheduler=pipe.scheduler, mode="duca", cache_ratio=0.9,
+                               cycle_length=5, selector="random", forecast="linear")
+    image = pipe(prompt, num_inference_steps=28).images[0]
+    print(handle.summary())   # the DuCa node's one-line summary
+    handle.remove()           # the transformer as it was
+
+The same core decides (accel_core.CacheRun) and the same engine computes as
+in ComfyUI (nodes/adapters/modulewise.py): each block and its attention and
+MLP submodules get a hook that hands their work to the run; the blocks' own
+code keeps doing modulation, gating and residuals. A run starts when the
+transformer is called at a higher sigma than the last call (a new pipeline
+call) and follows the scheduler's sigmas. Calls at the same sigma are the
+step's conds (true CFG's cond and uncond), each with its own cache; a
+batched CFG call is one cond whose rows are cached together.
+
+Supported: FluxTransformer2DModel (Flux.1 dev/schnell, Kontext), modes duca,
+toca, fora, selectors random and similarity. Not yet: TokenCache, a memory
+budget, the other transformer families (they raise a clear error)."""
+import functools
+from typing import Optional
+
+
+from ..accel_core.config import CacheConfig
+from ..accel_core.run import CacheRun
+from ..nodes.adapters.modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
+
+HOOK = "dit_token_cache"
+ROOT = "diffusion_model."   # the engine's block paths are ComfyUI's (under BaseModel); here, under the transformer
+
+
+def _skipped_block(args, kwargs):
+    # diffusers' Flux blocks take (hidden_states, encoder_hidden_states, ...) and return (text, image)
+    image = args[0] if args else kwargs["hidden_states"]
+    text = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
+    return text, image
+
+
+def flux_adapter(transformer) -> ModulewiseAdapter:
+    """FluxTransformer2DModel: double blocks call their joint attention (returning image and text) and two
+    feed-forwards; single blocks run attention and an MLP input projection on cat(text, image), then
+    proj_out on both, so proj_mlp and proj_out run on the selected tokens at conservative steps."""
+    return ModulewiseAdapter(transformer, "Flux (diffusers)", [
+        BlockGroup("transformer_blocks", (
+            CachedModule("attn", REUSE, input_name="hidden_states", output_streams=(0, 1)),
+            CachedModule("ff", SUBSET),
+            CachedModule("ff_context", SUBSET, stream=1),
+        ), _skipped_block, token_input=(0, "hidden_states"), token_output=1),
+        BlockGroup("single_transformer_blocks", (
+            CachedModule("attn", REUSE, input_name="hidden_states"),
+            CachedModule("proj_mlp", SUBSET),
+            CachedModule("proj_out", SUBSET),
+        ), _skipped_block, token_input=(0, "hidden_states"), token_output=1, text_in_tokens=True),
+    ], output_layer="norm_out", patch=1)
+
+
+FAMILIES = {"FluxTransformer2DModel": flux_adapter}
+
+
+def _hook_class():
+    from diffusers.hooks import ModelHook
+
+    class ReplacedForward(ModelHook):
+        """The module's forward replaced by wrap(its forward)."""
+
+        def __init__(self, wrap):
+            super().__init__()
+            self.wrap = wrap
+            self.replaced = None
+
+        def new_forward(self, module, *args, **kwargs):
+            if self.replaced is None:
+                self.replaced = self.wrap(self.fn_ref.original_forward)
+            return self.replaced(*args, **kwargs)
+    return ReplacedForward
+
+
+class TokenCacheHandle:
+    """What apply_token_cache returns: the runs' state, summary() and remove()."""
+
+    def __init__(self, transformer, scheduler, config: CacheConfig, adapter, name: str):
+        self.transformer, self.scheduler, self.config, self.adapter, self.name = (
+            transformer, scheduler, config, adapter, name)
+        self.run: Optional[CacheRun] = None      # the latest run (finished or under way)
+        self.active_run: Optional[CacheRun] = None   # set during a transformer call
+        self._last_sigma = None
+        self._calls_at_sigma = 0
+        self._hooked = []                        # modules with our hook
+
+    # -- the run ------------------------------------------------------------------------
+    def _new_run(self) -> CacheRun:
+        sigmas = [float(s) for s in self.scheduler.sigmas]
+        top = len(sigmas) - 1
+        start = sigmas[min(top, round(self.config.start_percent * top))]
+        end = sigmas[min(top, round(self.config.end_percent * top))]
+        return CacheRun(self.config, sigmas, start, end, name=self.name)
+
+    def _call(self, original, *args, **kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[3]
+        sigma = float(timestep.flatten()[0])
+        if self.run is None or self._last_sigma is None or sigma > self._last_sigma + 1e-9:
+            self.run = self._new_run()        # a new pipeline call: the schedule restarts
+            self._calls_at_sigma = 0
+        elif sigma != self._last_sigma:
+            self._calls_at_sigma = 0
+        self._last_sigma = sigma
+        cond = f"call {self._calls_at_sigma}"   # true CFG's separate calls at one step keep their own caches
+        self._calls_at_sigma += 1
+        run = self.run
+        run.begin_forward(sigma, [cond], (tuple(hidden.shape[1:]), hidden.dtype, hidden.device, hidden.shape[0]))
+        self.active_run = run
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self.active_run = None
+            run.end_forward()
+
+    def current_run(self) -> Optional[CacheRun]:
+        return self.active_run
+
+    # -- what users call ------------------------------------------------------------------
+    def summary(self) -> str:
+        """The DuCa node's one-line summary of the latest run ('' before any)."""
+        return self.run.stats.headline(self.name) if self.run is not None else ""
+
+    def remove(self) -> None:
+        """Take every hook off: the transformer computes as it did before."""
+        from diffusers.hooks import HookRegistry
+        for module in self._hooked:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK, recurse=False)
+        self._hooked.clear()
+        if self.run is not None:
+            self.run.close()
+
+    def _hook(self, module, wrap) -> None:
+        from diffusers.hooks import HookRegistry
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(_hook_class()(wrap), HOOK)
+        self._hooked.append(module)
+
+
+def apply_token_cache(transformer, scheduler=None, name: str = "DuCa", **settings) -> TokenCacheHandle:
+    """Cache `transformer` (a diffusers model) with the DuCa node's settings
+    (accel_core.config.CacheConfig, validated the same way); `scheduler` (the
+    pipeline's) gives each run's sigmas. Returns the handle."""
+    family = FAMILIES.get(type(transformer).__name__)
+    if family is None:
+        raise ValueError(f"Token caching does not support this diffusers model yet: {type(transformer).__name__}. "
+                         f"Supported: {', '.join(FAMILIES)}.")
+    if scheduler is None or not hasattr(scheduler, "sigmas"):
+        raise ValueError("apply_token_cache needs scheduler=pipe.scheduler (a scheduler with sigmas): "
+                         "the cache decides each step's kind from the pipeline's sigma schedule")
+    config = CacheConfig(**settings)
+    if config.mode == "tokencache" or config.cache_budget_gb > 0:
+        raise ValueError(f"{name} on diffusers does not support mode tokencache or a cache budget yet; "
+                         f"got mode={config.mode!r}, cache_budget_gb={config.cache_budget_gb}")
+    existing = getattr(transformer, "_dit_token_cache", None)
+    if existing is not None:
+        existing.remove()   # the last cache applied wins, as in ComfyUI
+    adapter = family(transformer)
+    if config.selector not in adapter.selectors:
+        raise ValueError(f"selector={config.selector!r} is not available for {adapter.family} models; "
+                         f"accepted: {', '.join(adapter.selectors)}")
+    handle = TokenCacheHandle(transformer, scheduler, config, adapter, name)
+    handle._hook(transformer, lambda forward: functools.partial(handle._call, forward))
+    if config.caches_something:
+        def replace(path, wrap):
+            handle._hook(transformer.get_submodule(path.removeprefix(ROOT)), wrap)
+        adapter.replace_forwards(replace, handle.current_run)
+    transformer._dit_token_cache = handle
+    return handle
+
+
+__all__ = ["apply_token_cache", "TokenCacheHandle"]

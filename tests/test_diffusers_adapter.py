@@ -1,0 +1,190 @@
+"""dit_token_cache.diffusers on real diffusers (FluxTransformer2DModel, tiny
+random config, CPU), sampled by a flow-matching Euler loop over diffusers'
+own scheduler as its pipelines do (true CFG as separate calls or a batch)."""
+import pytest
+import torch
+
+from dit_token_cache.diffusers import apply_token_cache
+
+HEIGHT = WIDTH = 8         # latent side (packed 2x2: 16 image tokens of 64 values)
+TEXT = 6
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=3,
+                                   attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(4, 14, 14))
+    with torch.no_grad():   # diffusers zero-initialises some projections: random everywhere, so every block acts
+        for parameter in model.parameters():
+            parameter.normal_(0.0, parameter.shape[-1] ** -0.5 if parameter.ndim >= 2 else 0.1)
+    return model.eval()
+
+
+def _scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    return FlowMatchEulerDiscreteScheduler()
+
+
+def _inputs(seed=0, batch=1):
+    generator = torch.Generator().manual_seed(seed)
+    return dict(noise=torch.randn(batch, HEIGHT * WIDTH // 4, 64, generator=generator),
+                cond=torch.randn(batch, TEXT, 32, generator=generator),
+                uncond=torch.randn(batch, TEXT, 32, generator=generator),
+                pooled=torch.randn(batch, 16, generator=generator))
+
+
+def _ids():
+    rows, cols = torch.meshgrid(torch.arange(HEIGHT // 2), torch.arange(WIDTH // 2), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float(), torch.zeros(TEXT, 3)
+
+
+def sample(transformer, scheduler, steps=8, cfg=3.0, batched=False, seed=0):
+    """Euler over scheduler's sigmas with true CFG: cond then uncond calls, or one batch of both."""
+    inputs = _inputs(seed)
+    img_ids, txt_ids = _ids()
+    scheduler.set_timesteps(steps)
+    x = inputs["noise"]
+
+    def call(latents, text, pooled, t):
+        return transformer(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
+                           timestep=(t / 1000).expand(latents.shape[0]), img_ids=img_ids, txt_ids=txt_ids,
+                           return_dict=False)[0]
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            if batched:
+                v_cond, v_uncond = call(torch.cat([x, x]), torch.cat([inputs["cond"], inputs["uncond"]]),
+                                        torch.cat([inputs["pooled"]] * 2), t).chunk(2)
+            else:
+                v_cond = call(x, inputs["cond"], inputs["pooled"], t)
+                v_uncond = call(x, inputs["uncond"], inputs["pooled"], t)
+            x = scheduler.step(v_uncond + cfg * (v_cond - v_uncond), t, x, return_dict=False)[0]
+    return x
+
+
+def test_cycle_length_one_is_the_model_itself(transformer):
+    scheduler = _scheduler()
+    expected = sample(transformer, scheduler)
+    handle = apply_token_cache(transformer, scheduler=scheduler, cycle_length=1)
+    try:
+        assert torch.equal(sample(transformer, scheduler), expected)
+        assert handle.summary().startswith("DuCa") and "1.00x" in handle.summary()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["duca", "toca", "fora"])
+def test_caches_save_work_and_stay_close(transformer, mode):
+    scheduler = _scheduler()
+    expected = sample(transformer, scheduler)
+    handle = apply_token_cache(transformer, scheduler=scheduler, mode=mode, cycle_length=3, forecast="reuse")
+    try:
+        got = sample(transformer, scheduler)
+        stats = handle.run.stats
+        assert stats.work_fraction < 0.9 and not torch.equal(got, expected)
+        assert (got - expected).norm() < 0.5 * expected.norm()
+        assert stats.evaluations == 16   # 8 steps x (cond, uncond)
+    finally:
+        handle.remove()
+
+
+def test_remove_restores_the_transformer(transformer):
+    scheduler = _scheduler()
+    expected = sample(transformer, scheduler)
+    handle = apply_token_cache(transformer, scheduler=scheduler, cycle_length=3)
+    sample(transformer, scheduler)
+    handle.remove()
+    assert torch.equal(sample(transformer, scheduler), expected)
+    assert all(getattr(module, "_diffusers_hook", None) is None or not module._diffusers_hook.hooks
+               for module in transformer.modules())
+
+
+def test_two_calls_in_a_row_are_two_fresh_runs(transformer):
+    scheduler = _scheduler()
+    handle = apply_token_cache(transformer, scheduler=scheduler, cycle_length=3, forecast="linear")
+    try:
+        first, second = sample(transformer, scheduler), sample(transformer, scheduler)
+        other = sample(transformer, scheduler, seed=1)
+        assert torch.equal(first, second) and not torch.equal(first, other)
+        assert handle.run.stats.evaluations == 16
+    finally:
+        handle.remove()
+    fresh = apply_token_cache(transformer, scheduler=scheduler, cycle_length=3, forecast="linear")
+    try:
+        assert torch.equal(sample(transformer, scheduler), first)
+    finally:
+        fresh.remove()
+
+
+@pytest.mark.parametrize("mode", ["duca", "toca"])
+def test_cfg_as_a_batch_equals_separate_calls(transformer, mode):
+    scheduler = _scheduler()
+    handle = apply_token_cache(transformer, scheduler=scheduler, mode=mode, cycle_length=3)
+    try:
+        separate = sample(transformer, scheduler)
+        batched = sample(transformer, scheduler, batched=True)
+        assert torch.allclose(batched, separate, atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+
+
+def test_conservative_step_recomputes_exactly_the_selected_tokens(transformer):
+    """Block 0's image feed-forward at a ToCa conservative step: the selected
+    tokens are its fresh output on this step's input (the module's own class
+    forward, computed here independently), every other token is what the full
+    step before computed."""
+    scheduler = _scheduler()
+    handle = apply_token_cache(transformer, scheduler=scheduler, mode="toca", cycle_length=2, cache_ratio=0.5)
+    ff = transformer.transformer_blocks[0].ff
+    seen = []
+    watch = ff.register_forward_hook(lambda module, args, output: seen.append((args[0].clone(), output.clone())))
+    try:
+        sample(transformer, scheduler, steps=2, cfg=1.0)
+    finally:
+        watch.remove()
+    try:
+        (_, full), _, (x, out), _ = seen      # step 0 cond/uncond (full), step 1 cond/uncond (conservative)
+        selected = handle.run.last_selection[0]
+        assert 0 < selected.numel() < x.shape[1]
+        assert selected.numel() == handle.config.recompute_count(x.shape[1])
+        fresh = type(ff).forward(ff, x)
+        others = torch.ones(x.shape[1], dtype=torch.bool)
+        others[selected] = False
+        assert torch.allclose(out[:, selected], fresh[:, selected], atol=1e-6)
+        assert torch.equal(out[:, others], full[:, others])
+        assert not torch.allclose(out[:, others], fresh[:, others], atol=1e-4)
+    finally:
+        handle.remove()
+
+
+def test_bad_settings_and_models_are_refused_clearly(transformer):
+    scheduler = _scheduler()
+    with pytest.raises(ValueError, match="does not support this diffusers model yet: Linear"):
+        apply_token_cache(torch.nn.Linear(2, 2), scheduler=scheduler)
+    with pytest.raises(ValueError, match="needs scheduler=pipe.scheduler"):
+        apply_token_cache(transformer)
+    with pytest.raises(ValueError, match="cache_ratio"):
+        apply_token_cache(transformer, scheduler=scheduler, cache_ratio=2.0)
+    with pytest.raises(ValueError, match="tokencache"):
+        apply_token_cache(transformer, scheduler=scheduler, mode="tokencache")
+    with pytest.raises(ValueError, match="selector='k_norm'"):
+        apply_token_cache(transformer, scheduler=scheduler, selector="k_norm")
+    assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in transformer.modules())
+
+
+def test_the_package_imports_without_comfyui(tmp_path):
+    """`import dit_token_cache.diffusers` in a process where ComfyUI is not importable."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    code = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('dit_token_cache', "
+            f"{str(REPO / '__init__.py')!r}, submodule_search_locations=[{str(REPO)!r}]); "
+            "module = importlib.util.module_from_spec(spec); sys.modules['dit_token_cache'] = module; "
+            "spec.loader.exec_module(module); from dit_token_cache.diffusers import apply_token_cache; "
+            "assert not any(name == 'comfy' or name.startswith(('comfy.', 'comfy_')) for name in sys.modules), "
+            "sorted(n for n in sys.modules if n.startswith('comfy')); print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
