@@ -188,3 +188,22 @@ def test_the_package_imports_without_comfyui(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_pip_install_gives_the_library(tmp_path):
+    """`pip install .` from a clone: dit_token_cache.diffusers imports from site-packages, without ComfyUI."""
+    import shutil
+    import subprocess
+    import sys
+    from conftest import REPO
+    source = tmp_path / "clone"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".dtc", "bench", "tests", "docs", "workflows",
+                                                                "reference", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(tmp_path / "site"), str(source)], check=True, capture_output=True)
+    code = ("import sys; import dit_token_cache.diffusers as d; assert d.apply_token_cache; "
+            "assert 'site' in d.__file__ and not [n for n in sys.modules if n.split('.')[0] in ('comfy', 'comfy_api')]; "
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

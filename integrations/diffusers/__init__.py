@@ -22,7 +22,6 @@ budget, the other transformer families (they raise a clear error)."""
 import functools
 from typing import Optional
 
-
 from ..accel_core.config import CacheConfig
 from ..accel_core.run import CacheRun
 from ..nodes.adapters.modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
