@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 ENV := .dtc/env
 
-.PHONY: setup test demo bench bench-reference bench-fronts gpu-bundle clean
+.PHONY: setup test demo bench bench-reference bench-fronts bench-peers gpu-bundle clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -22,6 +22,9 @@ bench-reference: setup
 
 bench-fronts: setup
 	@source $(ENV) && DTC_COMFYUI=$$DTC_COMFYUI $$DTC_PYTHON bench/bench_reference.py --fronts 28 50 20 --out bench/out/fronts
+
+bench-peers: setup
+	@source $(ENV) && $$DTC_PYTHON bench/bench_peers.py --out bench/out/peers --plot docs/peers_front.png
 
 gpu-bundle: setup
 	@source $(ENV) && $$DTC_PYTHON bench/gpu/make_bundle.py --comfyui $$DTC_COMFYUI

@@ -1,0 +1,233 @@
+"""The pack's caches against diffusers' own caches, on the reference model in
+diffusers (reference/diffusers_model.py: an exact conversion), same labels,
+seeds and machine, one process.
+
+Per step count (20 and 50 by default, 64 samples): uncached Euler; fewer Euler steps and
+Heun (second order, 2 evaluations a step but the last); ours (DuCa / ToCa /
+FORA, forecast reuse and linear, N = 2, 3, 5) through dit_token_cache.diffusers;
+diffusers' FirstBlockCache (thresholds) and TaylorSeerCache (cache intervals).
+Quality against the uncached images: PSNR, SSIM; class accuracy and FD
+against real drawings. Work: multiply-accumulates of every linear layer that
+ran, over the uncached run's (the same count for every method: it sees what
+each cache skipped; attention is not in it, so caches that reuse attention run
+faster than their work says); wall: round-robin medians.
+
+    make bench-peers      # = python bench/bench_peers.py --out bench/out/peers
+    python bench/bench_peers.py --quick --out DIR   # 4 samples, 6 steps: what the test runs
+
+Not measured yet (issue 13): MagCache (needs its own calibration on this
+model), FasterCache, Pyramid Attention Broadcast, SeaCache, cache-dit."""
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "harness"))
+from pack_loader import import_pack  # noqa: E402
+
+import_pack(comfy=False)   # the diffusers side alone: no ComfyUI in this process
+from dit_token_cache.accel_core import metrics  # noqa: E402
+from dit_token_cache.diffusers import apply_token_cache  # noqa: E402
+from dit_token_cache.reference import codec, shapes  # noqa: E402
+from dit_token_cache.reference.classifier import accuracy, load_classifier  # noqa: E402
+from dit_token_cache.reference.diffusers_model import load_reference_transformer, predict, simple_sigmas  # noqa: E402
+from dit_token_cache.reference.model import WEIGHTS, label_encoder  # noqa: E402
+
+
+@dataclass
+class Method:
+    name: str
+    family: str
+    steps: int
+    sampler: str = "euler"
+    apply: Callable = None   # transformer, sigmas -> remove()
+
+
+def ours(**settings):
+    def apply(transformer, sigmas):
+        return apply_token_cache(transformer, scheduler=SimpleNamespace(sigmas=sigmas), **settings).remove
+    return apply
+
+
+def diffusers_cache(config):
+    def apply(transformer, sigmas):
+        transformer.enable_cache(config)
+        return transformer.disable_cache
+    return apply
+
+
+def methods_for(steps: int, quick: bool) -> list:
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+    found = [Method("uncached", "uncached", steps)]
+    for divisor in ((2,) if quick else (2, 3, 4)):
+        found.append(Method(f"{steps // divisor} euler steps", "fewer steps", steps // divisor))
+        heun = (steps // divisor + 1) // 2    # 2 evaluations a step, the last step one
+        if f"{heun} heun steps" not in [m.name for m in found]:
+            found.append(Method(f"{heun} heun steps", "fewer steps heun", heun, "heun"))
+    cycles = (3,) if quick else (2, 3, 5)
+    for mode, label in (("duca", "DuCa"), ("toca", "ToCa"), ("fora", "FORA")):
+        for forecast in ("reuse", "linear"):
+            for n in cycles:
+                found.append(Method(f"{label} N={n} {forecast}", f"ours {label} {forecast}", steps,
+                                    apply=ours(mode=mode, cycle_length=n, forecast=forecast)))
+    for threshold in ((0.2,) if quick else (0.1, 0.2, 0.4, 0.6, 0.8, 1.0)):
+        found.append(Method(f"FirstBlockCache t={threshold}", "diffusers FirstBlockCache", steps,
+                            apply=diffusers_cache(FirstBlockCacheConfig(threshold=threshold))))
+    for interval in ((3,) if quick else (2, 3, 5, 8)):
+        found.append(Method(f"TaylorSeerCache interval={interval}", "diffusers TaylorSeerCache", steps,
+                            apply=diffusers_cache(TaylorSeerCacheConfig(cache_interval=interval,
+                                                                        disable_cache_before_step=1,
+                                                                        taylor_factors_dtype=torch.float32))))
+    return found
+
+
+class LinearWork:
+    """Multiply-accumulates of every nn.Linear call while counting."""
+
+    def __init__(self, transformer):
+        self.macs = 0
+        self.handles = [m.register_forward_hook(self._count) for m in transformer.modules()
+                        if isinstance(m, torch.nn.Linear)]
+
+    def _count(self, module, args, output):
+        self.macs += args[0].numel() // module.in_features * module.in_features * module.out_features
+
+
+def generate(transformer, labels, seed, steps, cfg, sampler):
+    """Model-space latents for labels [N, 3]: CFG as one batch a step, as diffusers' pipelines do."""
+    encoder = label_encoder()
+    side = shapes.IMAGE_SIZE // codec.DOWNSCALE
+    noise = torch.randn(labels.shape[0], codec.LATENT_CHANNELS, side, side, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        context = torch.cat([encoder(labels), encoder(encoder.null_labels(labels.shape[0]))])
+
+        def velocity(x, sigma):
+            with transformer.cache_context("cfg"):
+                cond, uncond = predict(transformer, torch.cat([x, x]), sigma, context).chunk(2)
+            return uncond + cfg * (cond - uncond)
+        sigmas = simple_sigmas(steps).tolist()
+        x = noise * sigmas[0]
+        for sigma, following in zip(sigmas, sigmas[1:]):
+            d = velocity(x, sigma)
+            if sampler == "heun" and following > 0:   # Heun's correction: the slope at the Euler point too
+                d = (d + velocity(x + d * (following - sigma), following)) / 2
+            x = x + d * (following - sigma)
+    return x
+
+
+def run(transformer, method, labels, seed, cfg):
+    """(images, linear MACs) of one method's run; its cache is taken off after."""
+    remove = method.apply(transformer, simple_sigmas(method.steps)) if method.apply else (lambda: None)
+    work = LinearWork(transformer)
+    try:
+        x = generate(transformer, labels, seed, method.steps, cfg, method.sampler)
+    finally:
+        for handle in work.handles:
+            handle.remove()
+        remove()
+        transformer._reset_stateful_cache() if hasattr(transformer, "_reset_stateful_cache") else None
+    return codec.from_model_space(x), work.macs
+
+
+def timed(transformer, method, labels, seed, cfg) -> float:
+    remove = method.apply(transformer, simple_sigmas(method.steps)) if method.apply else (lambda: None)
+    try:
+        start = time.perf_counter()
+        generate(transformer, labels, seed, method.steps, cfg, method.sampler)
+        return time.perf_counter() - start
+    finally:
+        remove()
+
+
+def measure(transformer, methods, labels, classifier, real_features, args) -> list:
+    rows, images = [], {}
+    for method in methods:
+        out, macs = run(transformer, method, labels, args.seed, args.cfg)
+        images[method.name] = out
+        rows.append({"method": method.name, "family": method.family, "steps": method.steps,
+                     "sampler": method.sampler, "macs": macs,
+                     **{f"acc_{k}": v for k, v in accuracy(classifier.predict(out), labels).items()},
+                     "fd": float(metrics.frechet_distance(classifier.features(out), real_features))})
+    times = [[] for _ in methods]
+    for _ in range(args.repeats):
+        for i, method in enumerate(methods):
+            times[i].append(timed(transformer, method, labels[:args.timing_batch], args.seed, args.cfg))
+    reference = images[methods[0].name]
+    for row, seconds in zip(rows, times):
+        row["seconds"] = statistics.median(seconds)
+        row["wall_speedup"] = statistics.median(times[0]) / row["seconds"]
+        row["work_speedup"] = rows[0]["macs"] / row["macs"]
+        row["psnr"] = float(metrics.psnr(images[row["method"]], reference).clamp(max=100).mean())
+        row["ssim"] = float(metrics.ssim(images[row["method"]], reference).mean())
+    return rows
+
+
+def table(results: dict) -> str:
+    lines = []
+    for steps, rows in results.items():
+        lines += [f"\n{steps} steps:\n", "| method | work speedup | wall speedup | PSNR dB | SSIM | accuracy | FD |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in sorted(rows, key=lambda r: (r["work_speedup"], r["method"])):
+            lines.append(f"| {row['method']} | {row['work_speedup']:.2f}x | {row['wall_speedup']:.2f}x | "
+                         f"{row['psnr']:.2f} | {row['ssim']:.4f} | {row['acc_all']:.3f} | {row['fd']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for axis, (steps, rows) in zip(axes[0], results.items()):
+        for family in sorted({r["family"] for r in rows} - {"uncached"}):
+            points = sorted((r["wall_speedup"], min(r["psnr"], 60)) for r in rows if r["family"] == family)
+            axis.plot(*zip(*points), marker="o", label=family)
+        axis.set(title=f"reference model in diffusers, {steps} steps", xlabel="wall speedup (vs uncached)",
+                 ylabel="PSNR vs uncached, dB")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--steps", type=int, nargs="+", default=[20, 50])
+    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--timing-batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--plot", type=Path, help="write the PSNR / wall speedup fronts here")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "peers")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.steps, args.timing_batch, args.repeats = 4, [6], 4, 1
+    import diffusers
+    args.out.mkdir(parents=True, exist_ok=True)
+    transformer = load_reference_transformer()
+    classifier = load_classifier(WEIGHTS / "classifier.safetensors")
+    generator = torch.Generator().manual_seed(args.seed)
+    labels = shapes.random_labels(args.samples, generator)
+    real_features = classifier.features(shapes.render(shapes.random_labels(args.samples, generator), generator))
+    results = {steps: measure(transformer, methods_for(steps, args.quick), labels, classifier, real_features, args)
+               for steps in args.steps}
+    report = {"diffusers": diffusers.__version__, "torch": torch.__version__, "samples": args.samples,
+              "cfg": args.cfg, "repeats": args.repeats, "results": results}
+    (args.out / "peers.json").write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(results, args.plot)
+    print(f"diffusers {diffusers.__version__}, {args.samples} samples, cfg {args.cfg}" + table(results))
+
+
+if __name__ == "__main__":
+    main()

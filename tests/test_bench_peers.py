@@ -1,0 +1,28 @@
+"""bench/bench_peers.py in its quick mode: every family of method runs on the
+reference model in diffusers, and the work count sees what each one skips."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_peers_benchmark_quick_mode(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "bench_peers.py"), "--quick", "--out", str(tmp_path),
+                             "--plot", str(tmp_path / "front.png")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "peers.json").read_text())
+    rows = {row["method"]: row for row in report["results"]["6"]}
+    families = {row["family"] for row in rows.values()}
+    assert {"uncached", "fewer steps", "fewer steps heun", "ours DuCa reuse", "ours ToCa linear", "ours FORA reuse",
+            "diffusers FirstBlockCache", "diffusers TaylorSeerCache"} <= families
+    assert rows["uncached"]["work_speedup"] == 1.0 and rows["uncached"]["psnr"] == 100.0
+    # Euler 3 steps: half the evaluations; Heun 2 steps: 3 evaluations of 6
+    assert rows["3 euler steps"]["work_speedup"] == rows["2 heun steps"]["work_speedup"] == 2.0
+    # FORA N=3 (full, aggressive, aggressive x 2): 2 of 6 evaluations; the others in between
+    assert rows["FORA N=3 reuse"]["work_speedup"] > rows["DuCa N=3 reuse"]["work_speedup"] > \
+        rows["ToCa N=3 reuse"]["work_speedup"] > 1.0
+    assert rows["TaylorSeerCache interval=3"]["work_speedup"] > 1.0
+    assert all(0 < row["psnr"] < 100 for name, row in rows.items() if row["work_speedup"] > 1.0)
+    assert (tmp_path / "front.png").stat().st_size > 0
+    assert report["diffusers"] == "0.42.1"
