@@ -99,6 +99,7 @@ def test_remove_restores_the_transformer(transformer):
     assert torch.equal(sample(transformer, scheduler), expected)
     assert all(getattr(module, "_diffusers_hook", None) is None or not module._diffusers_hook.hooks
                for module in transformer.modules())
+    assert not hasattr(transformer, "_dit_token_cache")
 
 
 def test_two_calls_in_a_row_are_two_fresh_runs(transformer):

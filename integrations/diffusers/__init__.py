@@ -131,6 +131,8 @@ class TokenCacheHandle:
         for module in self._hooked:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK, recurse=False)
         self._hooked.clear()
+        if getattr(self.transformer, "_dit_token_cache", None) is self:
+            del self.transformer._dit_token_cache
         if self.run is not None:
             self.run.close()
 
