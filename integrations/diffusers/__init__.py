@@ -24,17 +24,10 @@ from typing import Optional
 
 from ..accel_core.config import CacheConfig
 from ..accel_core.run import CacheRun
-from ..nodes.adapters.modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
+from ..nodes.adapters.modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter, text_and_image
 
 HOOK = "dit_token_cache"
 ROOT = "diffusion_model."   # the engine's block paths are ComfyUI's (under BaseModel); here, under the transformer
-
-
-def _skipped_block(args, kwargs):
-    # diffusers' Flux blocks take (hidden_states, encoder_hidden_states, ...) and return (text, image)
-    image = args[0] if args else kwargs["hidden_states"]
-    text = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
-    return text, image
 
 
 def flux_adapter(transformer) -> ModulewiseAdapter:
@@ -46,19 +39,20 @@ def flux_adapter(transformer) -> ModulewiseAdapter:
             CachedModule("attn", REUSE, input_name="hidden_states", output_streams=(0, 1)),
             CachedModule("ff", SUBSET),
             CachedModule("ff_context", SUBSET, stream=1),
-        ), _skipped_block, token_input=(0, "hidden_states"), token_output=1),
+        ), text_and_image, token_input=(0, "hidden_states"), token_output=1),
         BlockGroup("single_transformer_blocks", (
             CachedModule("attn", REUSE, input_name="hidden_states"),
             CachedModule("proj_mlp", SUBSET),
             CachedModule("proj_out", SUBSET),
-        ), _skipped_block, token_input=(0, "hidden_states"), token_output=1, text_in_tokens=True),
+        ), text_and_image, token_input=(0, "hidden_states"), token_output=1, text_in_tokens=True),
     ], output_layer="norm_out", patch=1)
 
 
 FAMILIES = {"FluxTransformer2DModel": flux_adapter}
 
 
-def _hook_class():
+@functools.lru_cache(maxsize=None)
+def _hook_class():   # defined on first use: diffusers is imported only when a cache is applied
     from diffusers.hooks import ModelHook
 
     class ReplacedForward(ModelHook):
@@ -100,7 +94,7 @@ class TokenCacheHandle:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[3]
         sigma = float(timestep.flatten()[0])
-        if self.run is None or self._last_sigma is None or sigma > self._last_sigma + 1e-9:
+        if self.run is None or sigma > self._last_sigma + 1e-9:
             self.run = self._new_run()        # a new pipeline call: the schedule restarts
             self._calls_at_sigma = 0
         elif sigma != self._last_sigma:

@@ -94,6 +94,14 @@ class _ClassForward(torch.nn.Module):
         return type(self.block).forward(self.block, *args, **kwargs)
 
 
+def text_and_image(args, kwargs):
+    """(text, image) of a block called as block(hidden_states, encoder_hidden_states, ...), in
+    diffusers' naming, which is what such blocks return (Qwen-Image; diffusers' Flux)."""
+    image = args[0] if args else kwargs["hidden_states"]
+    text = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
+    return text, image
+
+
 def block_input(args, kwargs):
     """The token input of a block called as block(x, ...) or block(x=...): what
     most single-stream blocks return unchanged when skipped."""

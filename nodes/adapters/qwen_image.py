@@ -4,14 +4,7 @@ attention returns (image, text) and is reused whole; img_mlp follows the
 image-token selection, txt_mlp the text-token one. Reference images of the Edit
 models are image tokens, and 2511's timestep-zero modulation of them is applied
 by the block itself."""
-from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter
-
-
-def _skipped_block(args, kwargs):
-    # the model calls its blocks by keyword and reads back (text, image)
-    image = args[0] if args else kwargs["hidden_states"]
-    text = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
-    return text, image
+from .modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter, text_and_image
 
 
 def adapter(diffusion_model, family):
@@ -19,6 +12,6 @@ def adapter(diffusion_model, family):
         CachedModule("attn", REUSE, input_name="hidden_states", output_streams=(0, 1)),
         CachedModule("img_mlp", SUBSET),
         CachedModule("txt_mlp", SUBSET, stream=1),
-    ), _skipped_block, token_input=(0, "hidden_states"), token_output=1)],
+    ), text_and_image, token_input=(0, "hidden_states"), token_output=1)],  # called by keyword, reads back (text, image)
         # norm_out (modulated by the timestep) then proj_out: refinement is trained on norm_out's output
         output_layer="norm_out")
