@@ -18,7 +18,10 @@ faster than their work says); wall: round-robin medians.
 Not measured yet (issue 13): MagCache (needs its own calibration on this
 model), FasterCache, Pyramid Attention Broadcast, SeaCache, cache-dit."""
 import argparse
+import copy
+import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,12 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "harness"))
 from pack_loader import import_pack  # noqa: E402
 
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")   # cache-dit warns at every enable and disable
 import_pack(comfy=False)   # the diffusers side alone: no ComfyUI in this process
 from dit_token_cache.accel_core import metrics  # noqa: E402
 from dit_token_cache.diffusers import apply_token_cache  # noqa: E402
 from dit_token_cache.reference import codec, shapes  # noqa: E402
 from dit_token_cache.reference.classifier import accuracy, load_classifier  # noqa: E402
-from dit_token_cache.reference.diffusers_model import load_reference_transformer, predict, simple_sigmas  # noqa: E402
+from dit_token_cache.reference.diffusers_model import load_reference_transformer, predict, simple_sigmas, unpack  # noqa: E402
 from dit_token_cache.reference.model import WEIGHTS, label_encoder  # noqa: E402
 
 
@@ -48,7 +52,27 @@ class Method:
     family: str
     steps: int
     sampler: str = "euler"
-    apply: Callable = None   # transformer, sigmas -> remove()
+    apply: Callable = None   # (model, sigmas) -> remove(); model is the transformer, or image_layout's wrapper
+    image_layout: bool = False
+    own_copy: bool = False   # cache-dit patches the transformer's forward for good: disable_cache leaves the patch
+
+
+@functools.lru_cache(maxsize=None)
+def own_copy(transformer):
+    return copy.deepcopy(transformer)
+
+
+class ImageLayout(torch.nn.Module):
+    """The transformer as a denoiser of [B, C, H, W] latents, for FasterCache: its
+    approximation of the unconditional branch splits the frequencies of an image-
+    layout output, and Flux returns packed tokens."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep):
+        return predict(self.transformer, hidden_states, timestep, encoder_hidden_states)
 
 
 def ours(**settings):
@@ -64,8 +88,57 @@ def diffusers_cache(config):
     return apply
 
 
-def methods_for(steps: int, quick: bool) -> list:
-    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+def faster_cache(config):
+    def apply(wrapper, sigmas):
+        from diffusers.hooks import HookRegistry, apply_faster_cache
+        from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
+        apply_faster_cache(wrapper, config)
+
+        def remove():   # what ModelMixin.disable_cache does, on the wrapper (its hooks sit on the transformer's blocks)
+            registry = HookRegistry.check_if_exists_or_initialize(wrapper)
+            registry.remove_hook(_FASTER_CACHE_DENOISER_HOOK, recurse=True)
+            registry.remove_hook(_FASTER_CACHE_BLOCK_HOOK, recurse=True)
+        return remove
+    return apply
+
+
+def cache_dit(config, calibrator=None):
+    def apply(transformer, sigmas):
+        import cache_dit as package
+        package.enable_cache(transformer, cache_config=config, calibrator_config=calibrator)
+        package.refresh_context(transformer, num_inference_steps=len(sigmas) - 1)
+        return lambda: package.disable_cache(transformer)
+    return apply
+
+
+def image_vision(module, args, kwargs):
+    """SeaCache's view of the generated latent: [C, T=1, H, W] per sample, from Flux's packed tokens."""
+    tokens = kwargs["hidden_states"]
+    side = round(tokens.shape[1] ** 0.5) * 2
+    return [latent.unsqueeze(1) for latent in unpack(tokens, side, side)]
+
+
+def calibrated_mag_ratios(transformer, steps, cfg, seed) -> list:
+    """MagCache's own calibration (calibrate=True) on this model and step count, on
+    8 labels that are not the benchmark's."""
+    from diffusers import MagCacheConfig
+    from diffusers.hooks import mag_cache
+    captured = []
+    mag_cache.print = lambda *values, **kw: captured.append(" ".join(map(str, values)))   # it prints its ratios
+    try:
+        transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+        generate(transformer, denoiser(transformer), shapes.random_labels(8, torch.Generator().manual_seed(seed + 1)),
+                 seed + 1, steps, cfg, "euler")
+    finally:
+        transformer.disable_cache()
+        del mag_cache.print
+    return json.loads(captured[-1])   # the ratios follow its "Calibration Complete" line
+
+
+def methods_for(steps: int, quick: bool, mag_ratios: list) -> list:
+    from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+    from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                           SeaCacheConfig, TaylorSeerCacheConfig)
     found = [Method("uncached", "uncached", steps)]
     for divisor in ((2,) if quick else (2, 3, 4)):
         found.append(Method(f"{steps // divisor} euler steps", "fewer steps", steps // divisor))
@@ -86,6 +159,40 @@ def methods_for(steps: int, quick: bool) -> list:
                             apply=diffusers_cache(TaylorSeerCacheConfig(cache_interval=interval,
                                                                         disable_cache_before_step=1,
                                                                         taylor_factors_dtype=torch.float32))))
+    # MagCache: K = consecutive skips allowed; the first 10 % of steps always run
+    for threshold, skips in (((0.5, 4),) if quick else ((0.06, 3), (0.12, 3), (0.25, 4), (0.5, 6), (1.0, 10))):
+        found.append(Method(f"MagCache t={threshold} K={skips}", "diffusers MagCache", steps,
+                            apply=diffusers_cache(MagCacheConfig(threshold=threshold, max_skip_steps=skips,
+                                                                 retention_ratio=0.1, num_inference_steps=steps,
+                                                                 mag_ratios=mag_ratios))))
+    for threshold in ((0.5,) if quick else (0.15, 0.3, 0.5, 1.0, 2.0)):
+        found.append(Method(f"SeaCache t={threshold}", "diffusers SeaCache", steps,
+                            apply=diffusers_cache(SeaCacheConfig(threshold=threshold, max_consecutive_cached=0,
+                                                                 raw_vision_callback=image_vision))))
+    attention = ("transformer_blocks", "single_transformer_blocks")
+    for skip in ((2,) if quick else (2, 3, 4)):
+        found.append(Method(f"PAB attention every {skip}", "diffusers PAB", steps,
+                            apply=diffusers_cache(PyramidAttentionBroadcastConfig(
+                                spatial_attention_block_skip_range=skip, spatial_attention_timestep_skip_range=(-1, 901),
+                                spatial_attention_block_identifiers=attention,
+                                current_timestep_callback=lambda: STEP["timestep"]))))
+    for skip, uncond in (((2, 3),) if quick else ((2, 2), (2, 5), (3, 5))):
+        found.append(Method(f"FasterCache attention every {skip}, uncond every {uncond}", "diffusers FasterCache",
+                            steps, image_layout=True, apply=faster_cache(FasterCacheConfig(
+                                spatial_attention_block_skip_range=skip, spatial_attention_timestep_skip_range=(-1, 901),
+                                unconditional_batch_skip_range=uncond, unconditional_batch_timestep_skip_range=(-1, 901),
+                                spatial_attention_block_identifiers=tuple(f"{a}.*attn" for a in attention),
+                                current_timestep_callback=lambda: STEP["timestep"], tensor_format="BCHW",
+                                _unconditional_conditional_input_kwargs_identifiers=[
+                                    "hidden_states", "encoder_hidden_states", "timestep"]))))
+    for threshold in ((0.4,) if quick else (0.12, 0.2, 0.3, 0.45, 0.7)):
+        for taylorseer in (False, True):
+            found.append(Method(f"DBCache{'+TaylorSeer' if taylorseer else ''} t={threshold}",
+                                f"cache-dit DBCache{' + TaylorSeer' if taylorseer else ''}", steps, own_copy=True,
+                                apply=cache_dit(DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0,
+                                                              residual_diff_threshold=threshold, max_warmup_steps=2,
+                                                              num_inference_steps=steps),
+                                                TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None)))
     return found
 
 
@@ -101,48 +208,69 @@ class LinearWork:
         self.macs += args[0].numel() // module.in_features * module.in_features * module.out_features
 
 
-def generate(transformer, labels, seed, steps, cfg, sampler):
-    """Model-space latents for labels [N, 3]: CFG as one batch a step, as diffusers' pipelines do."""
+STEP = {}   # where the loop is: read by the peers that take a timestep callback
+
+
+def denoiser(transformer, wrapper=None):
+    """velocity(x, sigma, context) through the transformer, or through an ImageLayout wrapper of it."""
+    if wrapper is None:
+        return lambda x, sigma, context: predict(transformer, x, sigma, context)
+    return lambda x, sigma, context: wrapper(hidden_states=x, encoder_hidden_states=context,
+                                             timestep=torch.full((x.shape[0],), sigma))
+
+
+def generate(transformer, denoise, labels, seed, steps, cfg, sampler):
+    """Model-space latents for labels [N, 3]: CFG as one batch a step, unconditional
+    half first, as diffusers' pipelines do (FasterCache relies on that order)."""
     encoder = label_encoder()
     side = shapes.IMAGE_SIZE // codec.DOWNSCALE
     noise = torch.randn(labels.shape[0], codec.LATENT_CHANNELS, side, side, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        context = torch.cat([encoder(labels), encoder(encoder.null_labels(labels.shape[0]))])
-
-        def velocity(x, sigma):
-            with transformer.cache_context("cfg"):
-                cond, uncond = predict(transformer, torch.cat([x, x]), sigma, context).chunk(2)
-            return uncond + cfg * (cond - uncond)
+        context = torch.cat([encoder(encoder.null_labels(labels.shape[0])), encoder(labels)])
         sigmas = simple_sigmas(steps).tolist()
+
+        def velocity(x, index):
+            sigma = sigmas[index]
+            STEP.update(timestep=sigma * 1000)
+            with transformer.cache_context("cfg", step_index=index, sigma=sigma, num_inference_steps=steps):
+                uncond, cond = denoise(torch.cat([x, x]), sigma, context).chunk(2)
+            return uncond + cfg * (cond - uncond)
         x = noise * sigmas[0]
-        for sigma, following in zip(sigmas, sigmas[1:]):
-            d = velocity(x, sigma)
+        for index, (sigma, following) in enumerate(zip(sigmas, sigmas[1:])):
+            d = velocity(x, index)
             if sampler == "heun" and following > 0:   # Heun's correction: the slope at the Euler point too
-                d = (d + velocity(x + d * (following - sigma), following)) / 2
+                d = (d + velocity(x + d * (following - sigma), index + 1)) / 2
             x = x + d * (following - sigma)
     return x
 
 
+def start(transformer, method):
+    """Apply method's cache: (the transformer it runs, denoise, remove)."""
+    transformer = own_copy(transformer) if method.own_copy else transformer
+    wrapper = ImageLayout(transformer) if method.image_layout else None
+    remove = method.apply(wrapper or transformer, simple_sigmas(method.steps)) if method.apply else (lambda: None)
+    return transformer, denoiser(transformer, wrapper), remove
+
+
 def run(transformer, method, labels, seed, cfg):
     """(images, linear MACs) of one method's run; its cache is taken off after."""
-    remove = method.apply(transformer, simple_sigmas(method.steps)) if method.apply else (lambda: None)
+    transformer, denoise, remove = start(transformer, method)
     work = LinearWork(transformer)
     try:
-        x = generate(transformer, labels, seed, method.steps, cfg, method.sampler)
+        x = generate(transformer, denoise, labels, seed, method.steps, cfg, method.sampler)
     finally:
         for handle in work.handles:
             handle.remove()
         remove()
-        transformer._reset_stateful_cache() if hasattr(transformer, "_reset_stateful_cache") else None
     return codec.from_model_space(x), work.macs
 
 
 def timed(transformer, method, labels, seed, cfg) -> float:
-    remove = method.apply(transformer, simple_sigmas(method.steps)) if method.apply else (lambda: None)
+    transformer, denoise, remove = start(transformer, method)
     try:
-        start = time.perf_counter()
-        generate(transformer, labels, seed, method.steps, cfg, method.sampler)
-        return time.perf_counter() - start
+        begin = time.perf_counter()
+        generate(transformer, denoise, labels, seed, method.steps, cfg, method.sampler)
+        return time.perf_counter() - begin
     finally:
         remove()
 
@@ -203,7 +331,7 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     parser.add_argument("--cfg", type=float, default=4.0)
-    parser.add_argument("--timing-batch", type=int, default=32)
+    parser.add_argument("--timing-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--quick", action="store_true")
@@ -212,6 +340,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.steps, args.timing_batch, args.repeats = 4, [6], 4, 1
+    import cache_dit
     import diffusers
     args.out.mkdir(parents=True, exist_ok=True)
     transformer = load_reference_transformer()
@@ -219,14 +348,17 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     labels = shapes.random_labels(args.samples, generator)
     real_features = classifier.features(shapes.render(shapes.random_labels(args.samples, generator), generator))
-    results = {steps: measure(transformer, methods_for(steps, args.quick), labels, classifier, real_features, args)
+    mag_ratios = {steps: calibrated_mag_ratios(transformer, steps, args.cfg, args.seed) for steps in args.steps}
+    results = {steps: measure(transformer, methods_for(steps, args.quick, mag_ratios[steps]), labels, classifier,
+                              real_features, args)
                for steps in args.steps}
-    report = {"diffusers": diffusers.__version__, "torch": torch.__version__, "samples": args.samples,
-              "cfg": args.cfg, "repeats": args.repeats, "results": results}
+    report = {"diffusers": diffusers.__version__, "cache_dit": cache_dit.__version__, "torch": torch.__version__,
+              "samples": args.samples, "cfg": args.cfg, "repeats": args.repeats, "timing_batch": args.timing_batch,
+              "mag_ratios": mag_ratios, "results": results}
     (args.out / "peers.json").write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(results, args.plot)
-    print(f"diffusers {diffusers.__version__}, {args.samples} samples, cfg {args.cfg}" + table(results))
+    print(f"diffusers {diffusers.__version__}, cache-dit {cache_dit.__version__}, {args.samples} samples, cfg {args.cfg}" + table(results))
 
 
 if __name__ == "__main__":

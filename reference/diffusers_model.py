@@ -127,11 +127,11 @@ def image_ids(height: int, width: int) -> torch.Tensor:
 
 
 def predict(transformer, x: torch.Tensor, sigma: float, context: torch.Tensor) -> torch.Tensor:
-    """The velocity the model predicts for latents x [B, C, H, W] at `sigma`, text `context` [B, L, D]."""
+    """The velocity the model predicts for latents x [B, C, H, W] at `sigma` (a number, or one a sample), text `context` [B, L, D]."""
     b, _, h, w = x.shape
     out = transformer(hidden_states=pack(x), encoder_hidden_states=context,
                       pooled_projections=torch.zeros(b, POOLED_DIM, dtype=x.dtype, device=x.device),
-                      timestep=torch.full((b,), sigma, dtype=x.dtype, device=x.device),
+                      timestep=torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(b),
                       img_ids=image_ids(h, w).to(x.device), txt_ids=torch.zeros(context.shape[1], 3, device=x.device),
                       return_dict=False)[0]
     return unpack(out, h, w)

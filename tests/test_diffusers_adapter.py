@@ -1,26 +1,108 @@
-"""dit_token_cache.diffusers on real diffusers (FluxTransformer2DModel, tiny
-random config, CPU), sampled by a flow-matching Euler loop over diffusers'
-own scheduler as its pipelines do (true CFG as separate calls or a batch)."""
+"""dit_token_cache.diffusers on real diffusers (tiny random configs of each
+supported transformer, CPU), sampled by a flow-matching Euler loop over
+diffusers' own scheduler as its pipelines do (true CFG as separate calls or a
+batch, timesteps scaled as each family's pipeline passes them)."""
+from dataclasses import dataclass
+from typing import Callable
+
 import pytest
 import torch
 
 from dit_token_cache.diffusers import apply_token_cache
 
-HEIGHT = WIDTH = 8         # latent side (packed 2x2: 16 image tokens of 64 values)
-TEXT = 6
+TEXT, TEXT_DIM = 6, 32
 
 
-@pytest.fixture(scope="module")
-def transformer():
-    from diffusers import FluxTransformer2DModel
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=3,
-                                   attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
-                                   pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(4, 14, 14))
+def _random(model):
     with torch.no_grad():   # diffusers zero-initialises some projections: random everywhere, so every block acts
         for parameter in model.parameters():
             parameter.normal_(0.0, parameter.shape[-1] ** -0.5 if parameter.ndim >= 2 else 0.1)
     return model.eval()
+
+
+def _flux_ids():
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float(), torch.zeros(TEXT, 3)
+
+
+@dataclass
+class Family:
+    name: str
+    build: Callable
+    latent: tuple                 # one sample's latent shape, as the pipeline hands it to the transformer
+    call: Callable                # (model, latents, text, timestep tensor [B]) -> the transformer's output
+    timestep_scale: float         # the pipeline passes timestep = scheduler timestep (0..1000) / 1000 x this
+    image_mlp: str                # block 0's token-wise module on the image stream
+
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=32,
+                                  num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=16,
+                                  guidance_embeds=False, axes_dims_rope=(4, 14, 14))
+
+
+def _flux_call(model, latents, text, t):
+    img_ids, txt_ids = _flux_ids()
+    return model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=text[:, 0, :16], timestep=t,
+                 img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+
+
+def _wan():
+    from diffusers import WanTransformer3DModel
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                 out_channels=4, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=3,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def _wan_call(model, latents, text, t):
+    return model(hidden_states=latents, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+
+def _qwen():
+    from diffusers import QwenImageTransformer2DModel
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3, attention_head_dim=16,
+                                       num_attention_heads=2, joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6))
+
+
+def _qwen_call(model, latents, text, t):
+    return model(hidden_states=latents, encoder_hidden_states=text,
+                 encoder_hidden_states_mask=torch.ones(text.shape[:2]), timestep=t,
+                 img_shapes=[(1, 4, 4)] * latents.shape[0], return_dict=False)[0]
+
+
+def _sd3():   # SD3.5 layout: block 0 has the image-only second attention; the last block is context_pre_only
+    from diffusers import SD3Transformer2DModel
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16,
+                                 num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=32,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16,
+                                 dual_attention_layers=(0,))
+
+
+def _sd3_call(model, latents, text, t):
+    return model(hidden_states=latents, encoder_hidden_states=text, pooled_projections=text[:, 0, :16], timestep=t,
+                 return_dict=False)[0]
+
+
+FAMILIES = {
+    "flux": Family("flux", _flux, (16, 64), _flux_call, 1.0, "transformer_blocks.0.ff"),
+    "wan": Family("wan", _wan, (4, 2, 8, 8), _wan_call, 1000.0, "blocks.0.ffn"),
+    "qwen_image": Family("qwen_image", _qwen, (16, 16), _qwen_call, 1.0, "transformer_blocks.0.img_mlp"),
+    "sd3": Family("sd3", _sd3, (4, 8, 8), _sd3_call, 1000.0, "transformer_blocks.0.ff"),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    torch.manual_seed(0)
+    spec = FAMILIES[request.param]
+    return spec, _random(spec.build())
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    torch.manual_seed(0)
+    return _random(_flux())
 
 
 def _scheduler():
@@ -28,60 +110,45 @@ def _scheduler():
     return FlowMatchEulerDiscreteScheduler()
 
 
-def _inputs(seed=0, batch=1):
-    generator = torch.Generator().manual_seed(seed)
-    return dict(noise=torch.randn(batch, HEIGHT * WIDTH // 4, 64, generator=generator),
-                cond=torch.randn(batch, TEXT, 32, generator=generator),
-                uncond=torch.randn(batch, TEXT, 32, generator=generator),
-                pooled=torch.randn(batch, 16, generator=generator))
-
-
-def _ids():
-    rows, cols = torch.meshgrid(torch.arange(HEIGHT // 2), torch.arange(WIDTH // 2), indexing="ij")
-    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float(), torch.zeros(TEXT, 3)
-
-
-def sample(transformer, scheduler, steps=8, cfg=3.0, batched=False, seed=0):
+def sample(transformer, scheduler, steps=8, cfg=3.0, batched=False, seed=0, spec=FAMILIES["flux"]):
     """Euler over scheduler's sigmas with true CFG: cond then uncond calls, or one batch of both."""
-    inputs = _inputs(seed)
-    img_ids, txt_ids = _ids()
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, *spec.latent, generator=generator)
+    cond, uncond = torch.randn(2, 1, TEXT, TEXT_DIM, generator=generator)
     scheduler.set_timesteps(steps)
-    x = inputs["noise"]
 
-    def call(latents, text, pooled, t):
-        return transformer(hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled,
-                           timestep=(t / 1000).expand(latents.shape[0]), img_ids=img_ids, txt_ids=txt_ids,
-                           return_dict=False)[0]
+    def call(latents, text, t):
+        return spec.call(transformer, latents, text, (t / 1000 * spec.timestep_scale).expand(latents.shape[0]))
     with torch.no_grad():
         for t in scheduler.timesteps:
             if batched:
-                v_cond, v_uncond = call(torch.cat([x, x]), torch.cat([inputs["cond"], inputs["uncond"]]),
-                                        torch.cat([inputs["pooled"]] * 2), t).chunk(2)
+                v_cond, v_uncond = call(torch.cat([x, x]), torch.cat([cond, uncond]), t).chunk(2)
             else:
-                v_cond = call(x, inputs["cond"], inputs["pooled"], t)
-                v_uncond = call(x, inputs["uncond"], inputs["pooled"], t)
+                v_cond, v_uncond = call(x, cond, t), call(x, uncond, t)
             x = scheduler.step(v_uncond + cfg * (v_cond - v_uncond), t, x, return_dict=False)[0]
     return x
 
 
-def test_cycle_length_one_is_the_model_itself(transformer):
+def test_cycle_length_one_is_the_model_itself(family):
+    spec, transformer = family
     scheduler = _scheduler()
-    expected = sample(transformer, scheduler)
+    expected = sample(transformer, scheduler, spec=spec)
     handle = apply_token_cache(transformer, scheduler=scheduler, cycle_length=1)
     try:
-        assert torch.equal(sample(transformer, scheduler), expected)
+        assert torch.equal(sample(transformer, scheduler, spec=spec), expected)
         assert handle.summary().startswith("DuCa") and "1.00x" in handle.summary()
     finally:
         handle.remove()
 
 
 @pytest.mark.parametrize("mode", ["duca", "toca", "fora"])
-def test_caches_save_work_and_stay_close(transformer, mode):
+def test_caches_save_work_and_stay_close(family, mode):
+    spec, transformer = family
     scheduler = _scheduler()
-    expected = sample(transformer, scheduler)
+    expected = sample(transformer, scheduler, spec=spec)
     handle = apply_token_cache(transformer, scheduler=scheduler, mode=mode, cycle_length=3, forecast="reuse")
     try:
-        got = sample(transformer, scheduler)
+        got = sample(transformer, scheduler, spec=spec)
         stats = handle.run.stats
         assert stats.work_fraction < 0.9 and not torch.equal(got, expected)
         assert (got - expected).norm() < 0.5 * expected.norm()
@@ -90,59 +157,63 @@ def test_caches_save_work_and_stay_close(transformer, mode):
         handle.remove()
 
 
-def test_remove_restores_the_transformer(transformer):
+def test_remove_restores_the_transformer(family):
+    spec, transformer = family
     scheduler = _scheduler()
-    expected = sample(transformer, scheduler)
+    expected = sample(transformer, scheduler, spec=spec)
     handle = apply_token_cache(transformer, scheduler=scheduler, cycle_length=3)
-    sample(transformer, scheduler)
+    sample(transformer, scheduler, spec=spec)
     handle.remove()
-    assert torch.equal(sample(transformer, scheduler), expected)
+    assert torch.equal(sample(transformer, scheduler, spec=spec), expected)
     assert all(getattr(module, "_diffusers_hook", None) is None or not module._diffusers_hook.hooks
                for module in transformer.modules())
     assert not hasattr(transformer, "_dit_token_cache")
 
 
-def test_two_calls_in_a_row_are_two_fresh_runs(transformer):
+def test_two_calls_in_a_row_are_two_fresh_runs(family):
+    spec, transformer = family
     scheduler = _scheduler()
     handle = apply_token_cache(transformer, scheduler=scheduler, cycle_length=3, forecast="linear")
     try:
-        first, second = sample(transformer, scheduler), sample(transformer, scheduler)
-        other = sample(transformer, scheduler, seed=1)
+        first, second = sample(transformer, scheduler, spec=spec), sample(transformer, scheduler, spec=spec)
+        other = sample(transformer, scheduler, seed=1, spec=spec)
         assert torch.equal(first, second) and not torch.equal(first, other)
         assert handle.run.stats.evaluations == 16
     finally:
         handle.remove()
     fresh = apply_token_cache(transformer, scheduler=scheduler, cycle_length=3, forecast="linear")
     try:
-        assert torch.equal(sample(transformer, scheduler), first)
+        assert torch.equal(sample(transformer, scheduler, spec=spec), first)
     finally:
         fresh.remove()
 
 
 @pytest.mark.parametrize("mode", ["duca", "toca"])
-def test_cfg_as_a_batch_equals_separate_calls(transformer, mode):
+def test_cfg_as_a_batch_equals_separate_calls(family, mode):
+    spec, transformer = family
     scheduler = _scheduler()
     handle = apply_token_cache(transformer, scheduler=scheduler, mode=mode, cycle_length=3)
     try:
-        separate = sample(transformer, scheduler)
-        batched = sample(transformer, scheduler, batched=True)
+        separate = sample(transformer, scheduler, spec=spec)
+        batched = sample(transformer, scheduler, batched=True, spec=spec)
         assert torch.allclose(batched, separate, atol=1e-5, rtol=1e-5)
     finally:
         handle.remove()
 
 
-def test_conservative_step_recomputes_exactly_the_selected_tokens(transformer):
+def test_conservative_step_recomputes_exactly_the_selected_tokens(family):
+    spec, transformer = family
     """Block 0's image feed-forward at a ToCa conservative step: the selected
     tokens are its fresh output on this step's input (the module's own class
     forward, computed here independently), every other token is what the full
     step before computed."""
     scheduler = _scheduler()
     handle = apply_token_cache(transformer, scheduler=scheduler, mode="toca", cycle_length=2, cache_ratio=0.5)
-    ff = transformer.transformer_blocks[0].ff
+    ff = transformer.get_submodule(spec.image_mlp)
     seen = []
     watch = ff.register_forward_hook(lambda module, args, output: seen.append((args[0].clone(), output.clone())))
     try:
-        sample(transformer, scheduler, steps=2, cfg=1.0)
+        sample(transformer, scheduler, steps=2, cfg=1.0, spec=spec)
     finally:
         watch.remove()
     try:

@@ -16,11 +16,17 @@ call) and follows the scheduler's sigmas. Calls at the same sigma are the
 step's conds (true CFG's cond and uncond), each with its own cache; a
 batched CFG call is one cond whose rows are cached together.
 
-Supported: FluxTransformer2DModel (Flux.1 dev/schnell, Kontext), modes duca,
-toca, fora, selectors random and similarity. Not yet: TokenCache, a memory
-budget, the other transformer families (they raise a clear error)."""
+Supported: FluxTransformer2DModel (Flux.1 dev/schnell, Kontext),
+WanTransformer3DModel (Wan 2.1 / 2.2), QwenImageTransformer2DModel,
+SD3Transformer2DModel (SD3, SD3.5); modes duca, toca, fora; selectors random
+and similarity. Not yet: TokenCache, a memory budget (both raise a clear
+error), other transformers (a clear error naming the supported ones)."""
+import dataclasses
 import functools
+import inspect
 from typing import Optional
+
+import torch
 
 from ..accel_core.config import CacheConfig
 from ..accel_core.run import CacheRun
@@ -48,7 +54,62 @@ def flux_adapter(transformer) -> ModulewiseAdapter:
     ], output_layer="norm_out", patch=1)
 
 
-FAMILIES = {"FluxTransformer2DModel": flux_adapter}
+def hidden_states_input(args, kwargs):
+    """What a single-stream block called as block(hidden_states, ...) returns when skipped."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def wan_adapter(transformer) -> ModulewiseAdapter:
+    """WanTransformer3DModel (Wan 2.1 / 2.2): a block calls self-attention attn1, cross-attention attn2
+    (its queries are the video tokens; keys and values come from the text, and image for i2v) and ffn,
+    and returns the video tokens."""
+    return ModulewiseAdapter(transformer, "Wan (diffusers)", [BlockGroup("blocks", (
+        CachedModule("attn1", REUSE),
+        CachedModule("attn2", SUBSET, context_linears=("to_k", "to_v", "add_k_proj", "add_v_proj")),
+        CachedModule("ffn", SUBSET),
+    ), hidden_states_input, token_input=(0, "hidden_states"))], output_layer="norm_out",
+        patch=tuple(transformer.config.patch_size))
+
+
+def qwen_image_adapter(transformer) -> ModulewiseAdapter:
+    """QwenImageTransformer2DModel: the same blocks as ComfyUI's Qwen-Image (which follows diffusers' code)."""
+    return ModulewiseAdapter(transformer, "Qwen-Image (diffusers)", [BlockGroup("transformer_blocks", (
+        CachedModule("attn", REUSE, input_name="hidden_states", output_streams=(0, 1)),
+        CachedModule("img_mlp", SUBSET),
+        CachedModule("txt_mlp", SUBSET, stream=1),
+    ), text_and_image, token_input=(0, "hidden_states"), token_output=1)], output_layer="norm_out",
+        patch=transformer.config.patch_size)
+
+
+def sd3_adapter(transformer) -> ModulewiseAdapter:
+    """SD3Transformer2DModel (SD3, SD3.5): JointTransformerBlocks call their joint attention (image and
+    text outputs), SD3.5's image-only attn2 in the blocks that have one, and ff / ff_context; the last
+    block is context_pre_only (no ff_context, no text output)."""
+    adapter = ModulewiseAdapter(transformer, "SD3 (diffusers)", [BlockGroup("transformer_blocks", (
+        CachedModule("attn", REUSE, input_name="hidden_states", output_streams=(0, 1)),
+        CachedModule("attn2", REUSE, input_name="hidden_states"),
+        CachedModule("ff", SUBSET),
+        CachedModule("ff_context", SUBSET, stream=1),
+    ), text_and_image, token_input=(0, "hidden_states"), token_output=1)], output_layer="norm_out",
+        patch=transformer.config.patch_size)
+    return _modules_each_block_has(adapter)
+
+
+def _modules_each_block_has(adapter: ModulewiseAdapter) -> ModulewiseAdapter:
+    """Each block's declaration without the modules it lacks (None or absent)."""
+    def has(block, path):
+        return isinstance(getattr(block, path, None), torch.nn.Module)
+    adapter.blocks = [(path, block, dataclasses.replace(group, modules=tuple(
+        spec for spec in group.modules if has(block, spec.path)))) for path, block, group in adapter.blocks]
+    return adapter
+
+
+# family -> (adapter, what the pipelines pass as timestep per unit of sigma)
+FAMILIES = {"FluxTransformer2DModel": (flux_adapter, 1.0),
+            "QwenImageTransformer2DModel": (qwen_image_adapter, 1.0),
+            "WanTransformer3DModel": (wan_adapter, 1000.0),
+            "SD3Transformer2DModel": (sd3_adapter, 1000.0)}
+
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,9 +134,11 @@ def _hook_class():   # defined on first use: diffusers is imported only when a c
 class TokenCacheHandle:
     """What apply_token_cache returns: the runs' state, summary() and remove()."""
 
-    def __init__(self, transformer, scheduler, config: CacheConfig, adapter, name: str):
+    def __init__(self, transformer, scheduler, config: CacheConfig, adapter, name: str, timestep_scale: float):
         self.transformer, self.scheduler, self.config, self.adapter, self.name = (
             transformer, scheduler, config, adapter, name)
+        self.timestep_scale = timestep_scale        # the family's pipelines pass timestep = sigma x this
+        self._signature = inspect.signature(type(transformer).forward)
         self.run: Optional[CacheRun] = None      # the latest run (finished or under way)
         self.active_run: Optional[CacheRun] = None   # set during a transformer call
         self._last_sigma = None
@@ -91,9 +154,9 @@ class TokenCacheHandle:
         return CacheRun(self.config, sigmas, start, end, name=self.name)
 
     def _call(self, original, *args, **kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[3]
-        sigma = float(timestep.flatten()[0])
+        call = self._signature.bind(self.transformer, *args, **kwargs).arguments
+        hidden = call["hidden_states"]
+        sigma = float(torch.as_tensor(call["timestep"]).flatten()[0]) / self.timestep_scale
         if self.run is None or sigma > self._last_sigma + 1e-9:
             self.run = self._new_run()        # a new pipeline call: the schedule restarts
             self._calls_at_sigma = 0
@@ -140,7 +203,7 @@ def apply_token_cache(transformer, scheduler=None, name: str = "DuCa", **setting
     """Cache `transformer` (a diffusers model) with the DuCa node's settings
     (accel_core.config.CacheConfig, validated the same way); `scheduler` (the
     pipeline's) gives each run's sigmas. Returns the handle."""
-    family = FAMILIES.get(type(transformer).__name__)
+    family, timestep_scale = FAMILIES.get(type(transformer).__name__, (None, None))
     if family is None:
         raise ValueError(f"Token caching does not support this diffusers model yet: {type(transformer).__name__}. "
                          f"Supported: {', '.join(FAMILIES)}.")
@@ -158,7 +221,7 @@ def apply_token_cache(transformer, scheduler=None, name: str = "DuCa", **setting
     if config.selector not in adapter.selectors:
         raise ValueError(f"selector={config.selector!r} is not available for {adapter.family} models; "
                          f"accepted: {', '.join(adapter.selectors)}")
-    handle = TokenCacheHandle(transformer, scheduler, config, adapter, name)
+    handle = TokenCacheHandle(transformer, scheduler, config, adapter, name, timestep_scale)
     handle._hook(transformer, lambda forward: functools.partial(handle._call, forward))
     if config.caches_something:
         def replace(path, wrap):
