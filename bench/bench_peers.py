@@ -1,22 +1,31 @@
-"""The pack's caches against diffusers' own caches, on the reference model in
-diffusers (reference/diffusers_model.py: an exact conversion), same labels,
+"""The pack's caches against every pip-installable peer, on the reference model
+in diffusers (reference/diffusers_model.py: an exact conversion), same labels,
 seeds and machine, one process.
 
-Per step count (20 and 50 by default, 64 samples): uncached Euler; fewer Euler steps and
-Heun (second order, 2 evaluations a step but the last); ours (DuCa / ToCa /
-FORA, forecast reuse and linear, N = 2, 3, 5) through dit_token_cache.diffusers;
-diffusers' FirstBlockCache (thresholds) and TaylorSeerCache (cache intervals).
-Quality against the uncached images: PSNR, SSIM; class accuracy and FD
-against real drawings. Work: multiply-accumulates of every linear layer that
-ran, over the uncached run's (the same count for every method: it sees what
-each cache skipped; attention is not in it, so caches that reuse attention run
-faster than their work says); wall: round-robin medians.
+Per step count (20 and 50 by default, 64 samples, CFG 4 as one batch a step):
+uncached Euler; fewer Euler steps and Heun (second order, 2 evaluations a step
+but the last); ours (DuCa / ToCa / FORA, forecast reuse and linear, N = 2, 3,
+5) through dit_token_cache.diffusers; diffusers' FirstBlockCache, TaylorSeerCache,
+MagCache (ratios from its own calibration on this model, 8 other labels),
+SeaCache, Pyramid Attention Broadcast and FasterCache; cache-dit's DBCache with
+and without TaylorSeer correction. Quality against the uncached images: PSNR,
+SSIM; class accuracy and FD against real drawings. Work: multiply-accumulates
+of every linear layer that ran, over the uncached run's (it sees what each
+cache skipped; attention is not in it, so caches that reuse or skip attention,
+PAB and FasterCache above all, run faster than their work says); wall:
+round-robin medians on the first --timing-batch labels.
 
-    make bench-peers      # = python bench/bench_peers.py --out bench/out/peers
+How each peer is run here: SeaCache reads the latent from Flux's packed tokens
+(its raw_vision_callback), PAB and FasterCache get the timestep from the loop
+and Flux's attention names, FasterCache runs on a wrapper that returns the
+image layout (its unconditional-branch estimate splits frequencies of a
+[B, C, H, W] output), cache-dit runs on its own copy of the transformer (its
+Flux patch stays after disable_cache) with Fn=1, Bn=0 (the model has 8 blocks)
+and 2 warm-up steps.
+
+    make bench-peers      # = python bench/bench_peers.py --out bench/out/peers --plot docs/peers_front.png
     python bench/bench_peers.py --quick --out DIR   # 4 samples, 6 steps: what the test runs
-
-Not measured yet (issue 13): MagCache (needs its own calibration on this
-model), FasterCache, Pyramid Attention Broadcast, SeaCache, cache-dit."""
+"""
 import argparse
 import copy
 import functools

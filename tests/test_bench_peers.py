@@ -15,14 +15,19 @@ def test_peers_benchmark_quick_mode(tmp_path):
     rows = {row["method"]: row for row in report["results"]["6"]}
     families = {row["family"] for row in rows.values()}
     assert {"uncached", "fewer steps", "fewer steps heun", "ours DuCa reuse", "ours ToCa linear", "ours FORA reuse",
-            "diffusers FirstBlockCache", "diffusers TaylorSeerCache"} <= families
+            "diffusers FirstBlockCache", "diffusers TaylorSeerCache", "diffusers MagCache", "diffusers SeaCache",
+            "diffusers PAB", "diffusers FasterCache", "cache-dit DBCache", "cache-dit DBCache + TaylorSeer"} <= families
     assert rows["uncached"]["work_speedup"] == 1.0 and rows["uncached"]["psnr"] == 100.0
     # Euler 3 steps: half the evaluations; Heun 2 steps: 3 evaluations of 6
     assert rows["3 euler steps"]["work_speedup"] == rows["2 heun steps"]["work_speedup"] == 2.0
     # FORA N=3 (full, aggressive, aggressive x 2): 2 of 6 evaluations; the others in between
     assert rows["FORA N=3 reuse"]["work_speedup"] > rows["DuCa N=3 reuse"]["work_speedup"] > \
         rows["ToCa N=3 reuse"]["work_speedup"] > 1.0
-    assert rows["TaylorSeerCache interval=3"]["work_speedup"] > 1.0
+    # every peer skips something here, each in its own way (whole steps, attention, the unconditional half)
+    for name in ("TaylorSeerCache interval=3", "MagCache t=0.5 K=4", "SeaCache t=0.5", "PAB attention every 2",
+                 "FasterCache attention every 2, uncond every 3", "DBCache t=0.4", "DBCache+TaylorSeer t=0.4"):
+        assert rows[name]["work_speedup"] > 1.0, name
+    assert len(report["mag_ratios"]["6"]) == 6   # MagCache's own calibration: a ratio a step
     assert all(0 < row["psnr"] < 100 for name, row in rows.items() if row["work_speedup"] > 1.0)
     assert (tmp_path / "front.png").stat().st_size > 0
-    assert report["diffusers"] == "0.42.1"
+    assert report["diffusers"] == "0.42.1" and report["cache_dit"] == "1.5.3"
