@@ -231,6 +231,34 @@ def test_conservative_step_recomputes_exactly_the_selected_tokens(family):
         handle.remove()
 
 
+def test_a_flux_pipeline_call(transformer):
+    """diffusers' own FluxPipeline (text given as embeddings, so no text encoders), true CFG as
+    separate cond / uncond calls, its scheduler's shifted sigmas: each call is one fresh run."""
+    from diffusers import FluxPipeline
+    pipe = FluxPipeline(scheduler=_scheduler(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    cond, uncond = torch.randn(2, 1, TEXT, TEXT_DIM, generator=torch.Generator().manual_seed(0))
+    pooled = cond[:, 0, :16]
+
+    def generate():
+        return pipe(prompt_embeds=cond, pooled_prompt_embeds=pooled, negative_prompt_embeds=uncond,
+                    negative_pooled_prompt_embeds=pooled, true_cfg_scale=3.0, height=64, width=64,
+                    num_inference_steps=8, output_type="latent", generator=torch.Generator().manual_seed(1)).images
+    expected = generate()
+    handle = apply_token_cache(transformer, scheduler=pipe.scheduler, cycle_length=1)
+    assert torch.equal(generate(), expected)
+    handle = apply_token_cache(transformer, scheduler=pipe.scheduler, cycle_length=3, forecast="linear")
+    try:
+        first, second = generate(), generate()
+        assert torch.equal(first, second) and not torch.equal(first, expected)
+        assert (first - expected).norm() < 0.5 * expected.norm()
+        assert handle.run.stats.evaluations == 16 and "(8 steps: 3 full, 3 aggressive, 2 conservative)" in handle.summary()
+    finally:
+        handle.remove()
+    assert torch.equal(generate(), expected)
+
+
 def test_bad_settings_and_models_are_refused_clearly(transformer):
     scheduler = _scheduler()
     with pytest.raises(ValueError, match="does not support this diffusers model yet: Linear"):
