@@ -5,7 +5,8 @@ seeds and machine, one process.
 Per step count (20 and 50 by default, 64 samples, CFG 4 as one batch a step):
 uncached Euler; fewer Euler steps and Heun (second order, 2 evaluations a step
 but the last); ours (DuCa / ToCa / FORA, forecast reuse and linear, N = 2, 3,
-5) through dit_token_cache.diffusers; diffusers' FirstBlockCache, TaylorSeerCache,
+5; and FORA N = 3, 5, 8 with the first 10 % or 20 % of steps in full, the
+node's start_percent) through dit_token_cache.diffusers; diffusers' FirstBlockCache, TaylorSeerCache,
 MagCache (ratios from its own calibration on this model, 8 other labels),
 SeaCache, Pyramid Attention Broadcast and FasterCache; cache-dit's DBCache with
 and without TaylorSeer correction. Quality against the uncached images: PSNR,
@@ -160,6 +161,12 @@ def methods_for(steps: int, quick: bool, mag_ratios: list) -> list:
             for n in cycles:
                 found.append(Method(f"{label} N={n} {forecast}", f"ours {label} {forecast}", steps,
                                     apply=ours(mode=mode, cycle_length=n, forecast=forecast)))
+    # the node's start_percent: the first steps in full, where this model's trajectory turns most
+    for start in ((0.2,) if quick else (0.1, 0.2)):
+        for forecast in ("reuse", "linear"):
+            for n in ((3,) if quick else (3, 5, 8)):
+                found.append(Method(f"FORA N={n} {forecast} start={start}", f"ours FORA from {start:.0%}", steps,
+                                    apply=ours(mode="fora", cycle_length=n, forecast=forecast, start_percent=start)))
     for threshold in ((0.2,) if quick else (0.1, 0.2, 0.4, 0.6, 0.8, 1.0)):
         found.append(Method(f"FirstBlockCache t={threshold}", "diffusers FirstBlockCache", steps,
                             apply=diffusers_cache(FirstBlockCacheConfig(threshold=threshold))))
