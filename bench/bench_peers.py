@@ -325,6 +325,31 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+GROUPS = {"ours": ("ours",), "peers": ("diffusers", "cache-dit"), "fewer steps": ("fewer steps",)}
+
+
+def best_at(rows: list, speed: float, key: str, prefixes: tuple):
+    """The highest-PSNR row of the families starting with `prefixes` whose `key` speedup is at least `speed`."""
+    fast = [r for r in rows if r["family"].startswith(prefixes) and r[key] >= speed - 0.005]
+    return max(fast, key=lambda r: r["psnr"], default=None)
+
+
+def front_table(results: dict, speeds=(1.5, 2, 2.5, 3, 4, 5)) -> str:
+    """Per step count and speed: the best PSNR each group reaches at that speedup or faster, by work and by wall."""
+    lines = []
+    for steps, rows in results.items():
+        for key in ("work_speedup", "wall_speedup"):
+            lines += [f"\n{steps} steps, best PSNR at >= the {key.replace('_', ' ')}:\n",
+                      "| speedup | " + " | ".join(GROUPS) + " | ours - best peer |", "|---" * (len(GROUPS) + 2) + "|"]
+            for speed in speeds:
+                best = {group: best_at(rows, speed, key, prefixes) for group, prefixes in GROUPS.items()}
+                cells = [f"{b['psnr']:.2f} dB ({b['method']}, {b[key]:.2f}x)" if b else "none" for b in best.values()]
+                gap = (f"{best['ours']['psnr'] - best['peers']['psnr']:+.2f} dB" if best["ours"] and best["peers"]
+                       else "n/a")
+                lines.append(f"| {speed}x | " + " | ".join(cells) + f" | {gap} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -374,7 +399,8 @@ def main(argv=None):
     (args.out / "peers.json").write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(results, args.plot)
-    print(f"diffusers {diffusers.__version__}, cache-dit {cache_dit.__version__}, {args.samples} samples, cfg {args.cfg}" + table(results))
+    print(f"diffusers {diffusers.__version__}, cache-dit {cache_dit.__version__}, {args.samples} samples, cfg {args.cfg}"
+          + table(results) + "\n" + front_table(results))
 
 
 if __name__ == "__main__":

@@ -31,3 +31,17 @@ def test_peers_benchmark_quick_mode(tmp_path):
     assert all(0 < row["psnr"] < 100 for name, row in rows.items() if row["work_speedup"] > 1.0)
     assert (tmp_path / "front.png").stat().st_size > 0
     assert report["diffusers"] == "0.42.1" and report["cache_dit"] == "1.5.3"
+
+
+def test_the_front_table_reads_the_best_row_at_or_above_each_speed():
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_peers import best_at, front_table
+    rows = [{"method": m, "family": f, "work_speedup": w, "wall_speedup": w, "psnr": p} for m, f, w, p in (
+        ("a", "ours FORA reuse", 2.0, 30.0), ("b", "ours DuCa linear", 3.0, 28.0), ("c", "diffusers SeaCache", 1.9, 40.0),
+        ("d", "cache-dit DBCache", 2.5, 29.0), ("e", "fewer steps", 2.0, 31.0))]
+    assert best_at(rows, 2, "work_speedup", ("ours",))["method"] == "a"
+    assert best_at(rows, 2, "work_speedup", ("diffusers", "cache-dit"))["method"] == "d"   # c is slower than 2x
+    assert best_at(rows, 3.5, "work_speedup", ("ours",)) is None
+    table = front_table({20: rows}, speeds=(2, 3))
+    assert "| 2x | 30.00 dB (a, 2.00x) | 29.00 dB (d, 2.50x) | 31.00 dB (e, 2.00x) | +1.00 dB |" in table
+    assert "| 3x | 28.00 dB (b, 3.00x) | none | none | n/a |" in table
