@@ -219,10 +219,34 @@ class CacheRun:
         self._final_reserved = None
         cached = sorted(b for b, kept in self.block_cached.items() if kept)
         while self._budget_used > self.config.cache_budget_bytes and cached:
-            block_id = cached.pop()
-            self.store.drop_block(block_id)
-            self._budget_used -= self._block_bytes.pop(block_id)
-            self._decide_block(block_id, False)
+            self._drop_block(cached.pop())
+
+    def _drop_block(self, block_id: int) -> None:
+        self.store.drop_block(block_id)
+        self._budget_used -= self._block_bytes.pop(block_id)
+        self._decide_block(block_id, False)
+
+    def count_conds(self, conds: int) -> None:
+        """More conds than the run was made for: a host that learns the count
+        only as a step's calls arrive (diffusers' separate CFG calls). What the
+        budget holds is scaled to the new count and the blocks cached so far
+        are decided again, in order, at their new size: those that no longer
+        fit are dropped and compute in full from now on."""
+        if conds <= self.conds:
+            return
+        scale, self.conds = conds / self.conds, conds
+        self._block_bytes = {block_id: size * scale for block_id, size in self._block_bytes.items()}
+        if self._final_reserved is not None:
+            self._final_reserved *= scale
+        if self.config.cache_budget_gb <= 0 or not self.block_cached:
+            return
+        self._budget_used *= scale
+        running = self._budget_used - sum(self._block_bytes.values())   # the final state's share
+        for block_id in sorted(b for b, kept in self.block_cached.items() if kept):
+            running += self._block_bytes[block_id]
+            if running > self.config.cache_budget_bytes:
+                running -= self._block_bytes[block_id]
+                self._drop_block(block_id)
 
     # -- cache entries ---------------------------------------------------------------
 

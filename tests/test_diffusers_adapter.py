@@ -231,6 +231,35 @@ def test_conservative_step_recomputes_exactly_the_selected_tokens(family):
         handle.remove()
 
 
+def test_a_memory_budget_caches_the_blocks_that_fit(family):
+    """cache_budget_gb: the blocks cached at the first call of the first step are decided again when
+    the second (uncond) call shows there are two conds; the cache stays within the budget, the
+    blocks beyond it compute in full, and batched CFG keeps the same blocks."""
+    spec, transformer = family
+    scheduler = _scheduler()
+    handle = apply_token_cache(transformer, scheduler=scheduler, cycle_length=3, forecast="linear")
+    try:
+        sample(transformer, scheduler, spec=spec)
+        unlimited = handle.run.stats
+    finally:
+        handle.remove()
+    budget = unlimited.peak_cache_bytes * 0.5
+    handle = apply_token_cache(transformer, scheduler=scheduler, cycle_length=3, forecast="linear",
+                               cache_budget_gb=budget / 2**30)
+    try:
+        split = sample(transformer, scheduler, spec=spec)
+        run = handle.run
+        cached, blocks = run.stats.blocks_cached
+        assert 0 < cached < blocks and run.conds == 2, run.stats.blocks_cached
+        assert run.stats.peak_cache_bytes <= budget, (run.stats.peak_cache_bytes, budget)
+        assert run.stats.work_fraction > unlimited.work_fraction
+        batched = sample(transformer, scheduler, batched=True, spec=spec)
+        assert handle.run.block_cached == run.block_cached and handle.run.conds == 1
+        torch.testing.assert_close(batched, split, rtol=1e-4, atol=1e-4)
+    finally:
+        handle.remove()
+
+
 def test_a_flux_pipeline_call(transformer):
     """diffusers' own FluxPipeline (text given as embeddings, so no text encoders), true CFG as
     separate cond / uncond calls, its scheduler's shifted sigmas: each call is one fresh run."""

@@ -19,8 +19,10 @@ batched CFG call is one cond whose rows are cached together.
 Supported: FluxTransformer2DModel (Flux.1 dev/schnell, Kontext),
 WanTransformer3DModel (Wan 2.1 / 2.2), QwenImageTransformer2DModel,
 SD3Transformer2DModel (SD3, SD3.5); modes duca, toca, fora; selectors random
-and similarity. Not yet: TokenCache, a memory budget (both raise a clear
-error), other transformers (a clear error naming the supported ones)."""
+and similarity; a memory budget (cache_budget_gb: a step's separate calls
+are counted as they arrive, and the blocks cached at the first call that no
+longer fit give way). Not yet: TokenCache (a clear error), other transformers
+(a clear error naming the supported ones)."""
 import dataclasses
 import functools
 import inspect
@@ -166,6 +168,7 @@ class TokenCacheHandle:
         cond = f"call {self._calls_at_sigma}"   # true CFG's separate calls at one step keep their own caches
         self._calls_at_sigma += 1
         run = self.run
+        run.count_conds(self._calls_at_sigma)   # a memory budget is projected over every call of a step
         run.begin_forward(sigma, [cond], (tuple(hidden.shape[1:]), hidden.dtype, hidden.device, hidden.shape[0]))
         self.active_run = run
         try:
@@ -211,9 +214,8 @@ def apply_token_cache(transformer, scheduler=None, name: str = "DuCa", **setting
         raise ValueError("apply_token_cache needs scheduler=pipe.scheduler (a scheduler with sigmas): "
                          "the cache decides each step's kind from the pipeline's sigma schedule")
     config = CacheConfig(**settings)
-    if config.mode == "tokencache" or config.cache_budget_gb > 0:
-        raise ValueError(f"{name} on diffusers does not support mode tokencache or a cache budget yet; "
-                         f"got mode={config.mode!r}, cache_budget_gb={config.cache_budget_gb}")
+    if config.mode == "tokencache":
+        raise ValueError(f"{name} on diffusers does not support mode tokencache yet; accepted modes: duca, toca, fora")
     existing = getattr(transformer, "_dit_token_cache", None)
     if existing is not None:
         existing.remove()   # the last cache applied wins, as in ComfyUI
