@@ -21,8 +21,10 @@ WanTransformer3DModel (Wan 2.1 / 2.2), QwenImageTransformer2DModel,
 SD3Transformer2DModel (SD3, SD3.5); modes duca, toca, fora; selectors random
 and similarity; a memory budget (cache_budget_gb: a step's separate calls
 are counted as they arrive, and the blocks cached at the first call that no
-longer fit give way). Not yet: TokenCache (a clear error), other transformers
-(a clear error naming the supported ones)."""
+longer fit give way); mode tokencache with its training-free scoring (the
+TokenCache node without a predictor file; a batched CFG call plans from all
+its rows, separate calls from the first call's). Not yet: a learned TokenCache
+predictor file; other transformers (a clear error naming the supported ones)."""
 import dataclasses
 import functools
 import inspect
@@ -32,6 +34,7 @@ import torch
 
 from ..accel_core.config import CacheConfig
 from ..accel_core.run import CacheRun
+from ..accel_core.tokencache import TokenPlanner
 from ..nodes.adapters.modulewise import REUSE, SUBSET, BlockGroup, CachedModule, ModulewiseAdapter, text_and_image
 
 HOOK = "dit_token_cache"
@@ -153,7 +156,11 @@ class TokenCacheHandle:
         top = len(sigmas) - 1
         start = sigmas[min(top, round(self.config.start_percent * top))]
         end = sigmas[min(top, round(self.config.end_percent * top))]
-        return CacheRun(self.config, sigmas, start, end, name=self.name)
+        planner = None
+        if self.config.mode == "tokencache":   # the training-free scoring: tokens whose outputs changed most
+            planner = TokenPlanner(self.adapter.block_count, self.config.cache_ratio,
+                                   self.config.protected_last_blocks, None, self.config.seed, "change")
+        return CacheRun(self.config, sigmas, start, end, name=self.name, planner=planner)
 
     def _call(self, original, *args, **kwargs):
         call = self._signature.bind(self.transformer, *args, **kwargs).arguments
@@ -202,10 +209,14 @@ class TokenCacheHandle:
         self._hooked.append(module)
 
 
-def apply_token_cache(transformer, scheduler=None, name: str = "DuCa", **settings) -> TokenCacheHandle:
+def apply_token_cache(transformer, scheduler=None, name: Optional[str] = None, **settings) -> TokenCacheHandle:
     """Cache `transformer` (a diffusers model) with the DuCa node's settings
-    (accel_core.config.CacheConfig, validated the same way); `scheduler` (the
+    (accel_core.config.CacheConfig, validated the same way; mode "tokencache"
+    is the TokenCache node's without a predictor); `scheduler` (the
     pipeline's) gives each run's sigmas. Returns the handle."""
+    if "predictor" in settings:
+        raise ValueError("a learned TokenCache predictor file is not supported on diffusers yet; "
+                         "mode='tokencache' without one uses the training-free scoring")
     family, timestep_scale = FAMILIES.get(type(transformer).__name__, (None, None))
     if family is None:
         raise ValueError(f"Token caching does not support this diffusers model yet: {type(transformer).__name__}. "
@@ -214,8 +225,8 @@ def apply_token_cache(transformer, scheduler=None, name: str = "DuCa", **setting
         raise ValueError("apply_token_cache needs scheduler=pipe.scheduler (a scheduler with sigmas): "
                          "the cache decides each step's kind from the pipeline's sigma schedule")
     config = CacheConfig(**settings)
-    if config.mode == "tokencache":
-        raise ValueError(f"{name} on diffusers does not support mode tokencache yet; accepted modes: duca, toca, fora")
+    if name is None:   # the node's names (TokenCache without a predictor file: its fallback)
+        name = "TokenCache[fallback]" if config.mode == "tokencache" else "DuCa"
     existing = getattr(transformer, "_dit_token_cache", None)
     if existing is not None:
         existing.remove()   # the last cache applied wins, as in ComfyUI
