@@ -116,7 +116,6 @@ FAMILIES = {"FluxTransformer2DModel": (flux_adapter, 1.0),
             "SD3Transformer2DModel": (sd3_adapter, 1000.0)}
 
 
-
 @functools.lru_cache(maxsize=None)
 def _hook_class():   # defined on first use: diffusers is imported only when a cache is applied
     from diffusers.hooks import ModelHook
