@@ -32,6 +32,7 @@ import copy
 import functools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -376,6 +377,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--exclude", help="leave out the methods whose name matches this regular expression")
     parser.add_argument("--plot", type=Path, help="write the PSNR / wall speedup fronts here")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "peers")
     args = parser.parse_args(argv)
@@ -390,11 +392,13 @@ def main(argv=None):
     labels = shapes.random_labels(args.samples, generator)
     real_features = classifier.features(shapes.render(shapes.random_labels(args.samples, generator), generator))
     mag_ratios = {steps: calibrated_mag_ratios(transformer, steps, args.cfg, args.seed) for steps in args.steps}
-    results = {steps: measure(transformer, methods_for(steps, args.quick, mag_ratios[steps]), labels, classifier,
-                              real_features, args)
+    results = {steps: measure(transformer, [m for m in methods_for(steps, args.quick, mag_ratios[steps])
+                                            if m.name == "uncached" or not args.exclude
+                                            or not re.search(args.exclude, m.name)],
+                              labels, classifier, real_features, args)
                for steps in args.steps}
     report = {"diffusers": diffusers.__version__, "cache_dit": cache_dit.__version__, "torch": torch.__version__,
-              "samples": args.samples, "cfg": args.cfg, "repeats": args.repeats, "timing_batch": args.timing_batch,
+              "samples": args.samples, "cfg": args.cfg, "exclude": args.exclude, "repeats": args.repeats, "timing_batch": args.timing_batch,
               "mag_ratios": mag_ratios, "results": results}
     (args.out / "peers.json").write_text(json.dumps(report, indent=1))
     if args.plot:
