@@ -235,11 +235,11 @@ class CacheRun:
         if conds <= self.conds:
             return
         scale, self.conds = conds / self.conds, conds
+        if self.config.cache_budget_gb <= 0:
+            return   # the cond count matters only to the budget's projection
         self._block_bytes = {block_id: size * scale for block_id, size in self._block_bytes.items()}
         if self._final_reserved is not None:
             self._final_reserved *= scale
-        if self.config.cache_budget_gb <= 0 or not self.block_cached:
-            return
         self._budget_used *= scale
         running = self._budget_used - sum(self._block_bytes.values())   # the final state's share
         for block_id in sorted(b for b, kept in self.block_cached.items() if kept):

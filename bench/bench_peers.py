@@ -392,14 +392,14 @@ def main(argv=None):
     labels = shapes.random_labels(args.samples, generator)
     real_features = classifier.features(shapes.render(shapes.random_labels(args.samples, generator), generator))
     mag_ratios = {steps: calibrated_mag_ratios(transformer, steps, args.cfg, args.seed) for steps in args.steps}
-    results = {steps: measure(transformer, [m for m in methods_for(steps, args.quick, mag_ratios[steps])
-                                            if m.name == "uncached" or not args.exclude
-                                            or not re.search(args.exclude, m.name)],
+    def kept(method):   # --exclude never drops the uncached run every row is measured against
+        return method.name == "uncached" or not args.exclude or not re.search(args.exclude, method.name)
+    results = {steps: measure(transformer, list(filter(kept, methods_for(steps, args.quick, mag_ratios[steps]))),
                               labels, classifier, real_features, args)
                for steps in args.steps}
     report = {"diffusers": diffusers.__version__, "cache_dit": cache_dit.__version__, "torch": torch.__version__,
-              "samples": args.samples, "cfg": args.cfg, "exclude": args.exclude, "repeats": args.repeats, "timing_batch": args.timing_batch,
-              "mag_ratios": mag_ratios, "results": results}
+              "samples": args.samples, "cfg": args.cfg, "exclude": args.exclude, "repeats": args.repeats,
+              "timing_batch": args.timing_batch, "mag_ratios": mag_ratios, "results": results}
     (args.out / "peers.json").write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(results, args.plot)
