@@ -169,6 +169,10 @@ def test_tokencache_without_a_predictor(family):
         assert stats.work_fraction < 0.9 and not torch.equal(got, expected)
         assert (got - expected).norm() < 0.5 * expected.norm()
         assert handle.summary().startswith("TokenCache[fallback]") and "4 full" in handle.summary(), handle.summary()
+        # the P-steps recompute what the planner chose: block 0's tokens at the last one are its plan's
+        (plan,) = handle.run.step_plans.values()
+        (blocks,) = plan.values()
+        assert torch.equal(handle.run.last_selection[0], blocks[0].to(handle.run.last_selection[0].device))
         assert torch.equal(sample(transformer, scheduler, spec=spec), got)
         # a batched CFG call is one cond here, planned from all its rows (split calls: from the first call's),
         # so batched and split plan other tokens: both stay close to the uncached run
