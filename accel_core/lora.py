@@ -115,6 +115,31 @@ def linear_layers(blocks: Sequence[tuple]) -> Dict[str, tuple]:
             if isinstance(module, nn.Linear)}
 
 
+def check_lora_blocks(lora: BlockLoRA, block_count: int, protected_last_blocks: int, name: str) -> None:
+    """A ValueError where the adapters sit in blocks that TokenCache caches: they refine blocks computed in full."""
+    unprotected = [b for b in lora.spec.blocks if b < block_count - protected_last_blocks]
+    if unprotected:
+        raise ValueError(f"{name}: the predictor's LoRA adapters refine blocks {list(lora.spec.blocks)}, which "
+                         f"must compute in full; protected_last_blocks={protected_last_blocks} leaves "
+                         f"{unprotected} cached: use protected_last_blocks >= {block_count - min(lora.spec.blocks)}")
+
+
+class AdapterRows:
+    """Rows of an adapter's output: its part for one of the layers a fused
+    layer is split into in another host (Flux's qkv as q, k and v in diffusers)."""
+
+    def __init__(self, adapter: LowRankAdapter, rows: slice):
+        self.adapter = adapter
+        self.rows = rows
+
+    def flops(self, tokens: int) -> float:
+        return 2.0 * (self.adapter.down.numel() + self.adapter.up[self.rows].numel()) * tokens
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        down, up = self.adapter.down.to(x.dtype), self.adapter.up[self.rows].to(x.dtype)
+        return nn.functional.linear(nn.functional.linear(x, down), up) * self.adapter.scale
+
+
 def adapted_forward(original: Callable, adapter: LowRankAdapter, active: Callable[[], bool],
                     count: Optional[Callable[[float], None]], x, *args, **kwargs):
     """A linear layer's forward with its adapter added where active() says

@@ -177,6 +177,25 @@ def _check_calibration(name: str, calibration) -> None:
                                      "importance is >= 0")
 
 
+PLACEMENTS = ("measured", "predicted", "even")   # where TokenCache's I-steps go (the node's i_step_placement)
+
+
+def step_importance(calibration, placement: str):
+    """The calibration curve {"sigmas", "importance"} the I-steps are placed by:
+    the measured reuse cost, the predictor's mean predicted importance, or none
+    (even spacing). Files from before "predicted" existed hold the measured
+    cost as "importance"."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"i_step_placement={placement!r}; accepted: {', '.join(PLACEMENTS)}")
+    if placement == "even" or not calibration:
+        return None
+    values = calibration.get(placement, calibration.get("importance") if placement == "measured" else None)
+    if values is None:
+        raise ValueError(f"i_step_placement={placement!r}: this predictor file has no {placement} calibration; "
+                         f"use {' or '.join(k for k in PLACEMENTS if k != placement)}, or retrain it")
+    return {"sigmas": calibration["sigmas"], "importance": values}
+
+
 def _describe(values: dict, keys) -> str:
     def first(value):
         return value[0] if isinstance(value, tuple) else value
@@ -184,12 +203,16 @@ def _describe(values: dict, keys) -> str:
 
 
 def load_predictor(path: str, expect: Optional[dict] = None,
-                   first_block: Optional[Callable[[], tuple]] = None) -> Tuple[object, dict]:
+                   first_block: Optional[Callable[[], tuple]] = None,
+                   block_tensors: Optional[Callable[[dict], dict]] = None) -> Tuple[object, dict]:
     """(predictor on the CPU, metadata). `expect` (e.g. {"family": "flux",
     "hidden_size": 3072, "blocks": 57}) describes the model it will run on; a
     file trained for anything else is refused, naming both. A first-block
     predictor is rebuilt around `first_block()` -> (a copy of the model's
-    first block, its runner, its kind), whose weights the file replaces."""
+    first block, its runner, its kind), whose weights the file replaces;
+    `block_tensors` renames the file's block tensors (relative to the block)
+    to that copy's, where the file was written by another host (ComfyUI's
+    Flux block for diffusers' Flux)."""
     name = os.path.basename(path)
     metadata = _decode_metadata(name, _read_header(path))
     expect = expect or {}
@@ -224,6 +247,11 @@ def load_predictor(path: str, expect: Optional[dict] = None,
                 raise PredictorFileError(f"{name}: its first block is a {config.get('block_kind')!r} block, "
                                          f"this model's is {kind!r}")
             predictor = FirstBlockPredictor(block, runner, **{k: v for k, v in config.items() if k != "architecture"})
+            if block_tensors is not None:
+                prefix = "block."
+                renamed = block_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                tensors = {**{k: v for k, v in tensors.items() if not k.startswith(prefix)},
+                           **{prefix + k: v for k, v in renamed.items()}}
             predictor.load_state_dict(tensors, strict=True)
         elif architecture == CachePredictor.architecture:
             # built on the meta device so loading neither draws from the global RNG
@@ -234,7 +262,7 @@ def load_predictor(path: str, expect: Optional[dict] = None,
         else:
             raise PredictorFileError(f"{name}: predictor architecture {architecture!r}; this version of the pack "
                                      f"reads {FirstBlockPredictor.architecture}, {CachePredictor.architecture}")
-    except (RuntimeError, TypeError, ValueError, OSError, safetensors.SafetensorError) as error:
+    except (RuntimeError, TypeError, ValueError, KeyError, OSError, safetensors.SafetensorError) as error:
         if isinstance(error, PredictorFileError):
             raise
         raise PredictorFileError(f"{name}: its weights do not fit the predictor it describes ({config!r}): "

@@ -409,10 +409,20 @@ class CacheRun:
         pairs, in token order: how much each token changed since the last
         computed step, the training-free TokenCache score; for the first
         `tokens` (the planning space) where given."""
-        if self.planner is None or not self.planner.uses_changes:
-            return
-        if all(self.has(block_id, name) for name, _ in parts):
-            change = torch.cat([change_importance(fresh, self.get(block_id, name, fresh.device)) for name, fresh in parts], dim=1)
+        self.put_change(block_id, [self.token_change(block_id, name, fresh) for name, fresh in parts], tokens)
+
+    def token_change(self, block_id: int, name: str, fresh: torch.Tensor) -> Optional[torch.Tensor]:
+        """[B, L]: how much each token of `fresh` changed from the cached `name`
+        (call it before the cache is overwritten); None where nothing is cached
+        or no planner scores by change."""
+        if self.planner is None or not self.planner.uses_changes or not self.has(block_id, name):
+            return None
+        return change_importance(fresh, self.get(block_id, name, fresh.device))
+
+    def put_change(self, block_id: int, changes: Sequence[Optional[torch.Tensor]], tokens: Optional[int] = None) -> None:
+        """Keep the block's changes (token_change, in token order) as its score, where every part has one."""
+        if changes and all(change is not None for change in changes):
+            change = torch.cat(list(changes), dim=1)
             self.put(block_id, "change", change if tokens is None else change[:, :tokens])
 
 

@@ -151,7 +151,7 @@ def methods_for(steps: int, quick: bool, mag_ratios: list) -> list:
     from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
                            SeaCacheConfig, TaylorSeerCacheConfig)
     found = [Method("uncached", "uncached", steps)]
-    for divisor in ((2,) if quick else (2, 3, 4)):
+    for divisor in ((2,) if quick else (2, 3, 4, 5)):
         found.append(Method(f"{steps // divisor} euler steps", "fewer steps", steps // divisor))
         heun = (steps // divisor + 1) // 2    # 2 evaluations a step, the last step one
         if f"{heun} heun steps" not in [m.name for m in found]:
@@ -162,10 +162,14 @@ def methods_for(steps: int, quick: bool, mag_ratios: list) -> list:
             for n in cycles:
                 found.append(Method(f"{label} N={n} {forecast}", f"ours {label} {forecast}", steps,
                                     apply=ours(mode=mode, cycle_length=n, forecast=forecast)))
+    for n in (() if quick else (6, 8)):   # 5x and beyond: only FORA gets there
+        for forecast in ("reuse", "linear"):
+            found.append(Method(f"FORA N={n} {forecast}", f"ours FORA {forecast}", steps,
+                                apply=ours(mode="fora", cycle_length=n, forecast=forecast)))
     # the node's start_percent: the first steps in full, where this model's trajectory turns most
     for start in ((0.2,) if quick else (0.1, 0.2)):
         for forecast in ("reuse", "linear"):
-            for n in ((3,) if quick else (3, 5, 8)):
+            for n in ((3,) if quick else (3, 5, 8, 10)):
                 found.append(Method(f"FORA N={n} {forecast} start={start}", f"ours FORA from {start:.0%}", steps,
                                     apply=ours(mode="fora", cycle_length=n, forecast=forecast, start_percent=start)))
     for threshold in ((0.2,) if quick else (0.1, 0.2, 0.4, 0.6, 0.8, 1.0)):
@@ -177,12 +181,12 @@ def methods_for(steps: int, quick: bool, mag_ratios: list) -> list:
                                                                         disable_cache_before_step=1,
                                                                         taylor_factors_dtype=torch.float32))))
     # MagCache: K = consecutive skips allowed; the first 10 % of steps always run
-    for threshold, skips in (((0.5, 4),) if quick else ((0.06, 3), (0.12, 3), (0.25, 4), (0.5, 6), (1.0, 10))):
+    for threshold, skips in (((0.5, 4),) if quick else ((0.06, 3), (0.12, 3), (0.25, 4), (0.5, 6), (1.0, 10), (2.0, 20))):
         found.append(Method(f"MagCache t={threshold} K={skips}", "diffusers MagCache", steps,
                             apply=diffusers_cache(MagCacheConfig(threshold=threshold, max_skip_steps=skips,
                                                                  retention_ratio=0.1, num_inference_steps=steps,
                                                                  mag_ratios=mag_ratios))))
-    for threshold in ((0.5,) if quick else (0.15, 0.3, 0.5, 1.0, 2.0)):
+    for threshold in ((0.5,) if quick else (0.15, 0.3, 0.5, 1.0, 1.5, 2.0)):
         found.append(Method(f"SeaCache t={threshold}", "diffusers SeaCache", steps,
                             apply=diffusers_cache(SeaCacheConfig(threshold=threshold, max_consecutive_cached=0,
                                                                  raw_vision_callback=image_vision))))
@@ -202,7 +206,7 @@ def methods_for(steps: int, quick: bool, mag_ratios: list) -> list:
                                 current_timestep_callback=lambda: STEP["timestep"], tensor_format="BCHW",
                                 _unconditional_conditional_input_kwargs_identifiers=[
                                     "hidden_states", "encoder_hidden_states", "timestep"]))))
-    for threshold in ((0.4,) if quick else (0.12, 0.2, 0.3, 0.45, 0.7)):
+    for threshold in ((0.4,) if quick else (0.12, 0.2, 0.3, 0.45, 0.7, 1.0, 1.5)):
         for taylorseer in (False, True):
             found.append(Method(f"DBCache{'+TaylorSeer' if taylorseer else ''} t={threshold}",
                                 f"cache-dit DBCache{' + TaylorSeer' if taylorseer else ''}", steps, own_copy=True,
@@ -378,6 +382,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--exclude", help="leave out the methods whose name matches this regular expression")
+    parser.add_argument("--only", help="run only the methods whose name matches this regular expression")
     parser.add_argument("--plot", type=Path, help="write the PSNR / wall speedup fronts here")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "peers")
     args = parser.parse_args(argv)
@@ -392,13 +397,14 @@ def main(argv=None):
     labels = shapes.random_labels(args.samples, generator)
     real_features = classifier.features(shapes.render(shapes.random_labels(args.samples, generator), generator))
     mag_ratios = {steps: calibrated_mag_ratios(transformer, steps, args.cfg, args.seed) for steps in args.steps}
-    def kept(method):   # --exclude never drops the uncached run every row is measured against
-        return method.name == "uncached" or not args.exclude or not re.search(args.exclude, method.name)
+    def kept(method):   # --exclude / --only never drop the uncached run every row is measured against
+        return method.name == "uncached" or ((not args.exclude or not re.search(args.exclude, method.name))
+                                             and (not args.only or re.search(args.only, method.name)))
     results = {steps: measure(transformer, list(filter(kept, methods_for(steps, args.quick, mag_ratios[steps]))),
                               labels, classifier, real_features, args)
                for steps in args.steps}
     report = {"diffusers": diffusers.__version__, "cache_dit": cache_dit.__version__, "torch": torch.__version__,
-              "samples": args.samples, "cfg": args.cfg, "exclude": args.exclude, "repeats": args.repeats,
+              "samples": args.samples, "cfg": args.cfg, "exclude": args.exclude, "only": args.only, "repeats": args.repeats,
               "timing_batch": args.timing_batch, "mag_ratios": mag_ratios, "results": results}
     (args.out / "peers.json").write_text(json.dumps(report, indent=1))
     if args.plot:

@@ -18,7 +18,7 @@ import comfy.samplers
 
 from ..accel_core import memory
 from ..accel_core.config import CacheConfig
-from ..accel_core.lora import adapted_forward
+from ..accel_core.lora import adapted_forward, check_lora_blocks
 from ..accel_core.run import CacheRun
 from ..accel_core.schedule import StepKind
 from ..accel_core.tokencache import TokenPlanner, importance_curve
@@ -303,12 +303,7 @@ def apply_token_cache(model, config: CacheConfig, name: str = "DuCa", node_id=No
         raise ValueError(f"selector={config.selector!r} is not available for {adapter.family} models "
                          f"(it needs the attention's keys and values); accepted: {', '.join(adapter.selectors)}")
     if lora is not None:
-        unprotected = [b for b in lora.spec.blocks if b < adapter.block_count - config.protected_last_blocks]
-        if unprotected:
-            raise ValueError(f"{name}: the predictor's LoRA adapters refine blocks {list(lora.spec.blocks)}, which "
-                             f"must compute in full; protected_last_blocks={config.protected_last_blocks} leaves "
-                             f"{unprotected} cached: use protected_last_blocks >= "
-                             f"{adapter.block_count - min(lora.spec.blocks)}")
+        check_lora_blocks(lora, adapter.block_count, config.protected_last_blocks, name)
     patched = model.clone()
     earlier = patched.model_options["transformer_options"].get(SETTINGS_KEY)
     if earlier is not None:

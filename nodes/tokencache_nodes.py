@@ -14,7 +14,8 @@ from ..accel_core.config import CacheConfig
 from ..accel_core.forecast import FORECASTS
 from .duca_node import DEFAULT_PRECISION, FORECAST_TOOLTIP, memory_inputs
 from ..accel_core.lora import linear_layers
-from ..accel_core.predictor_file import PredictorFileError, load_lora, load_predictor, save_predictor
+from ..accel_core.predictor_file import (PLACEMENTS, PredictorFileError, load_lora, load_predictor, save_predictor,
+                                        step_importance)
 from ..reference.model import PREDICTOR_DIR
 from .patcher import apply_token_cache, show_on_node
 from .families import adapter_for
@@ -24,7 +25,6 @@ from .predictor_training import (ARCHITECTURES, OBJECTIVES, TrainingSettings, pr
 CATEGORY = "sampling/token_cache"
 FOLDER = "token_cache"
 NO_PREDICTOR = "none"
-PLACEMENTS = ("measured", "predicted", "even")
 DEFAULT_LORA_RANK = 8   # on: +0.57 dB on the reference model for 2 % more work (BENCHMARKS.md, issue 12)
 MAX_NAME_BYTES = 255   # NAME_MAX of common file systems (ext4, NTFS, APFS)
 # reuse: I-steps lie far apart, and a trend carried from them was measured worse (BENCHMARKS.md)
@@ -78,22 +78,6 @@ def load_for_model(model, name: str):
     except PredictorFileError as error:
         raise ValueError(f"TokenCache predictor {name!r} cannot drive this model: {error}") from None
     return predictor, metadata.get("calibration"), lora
-
-
-def step_importance(calibration, placement: str):
-    """The calibration curve {"sigmas", "importance"} the I-steps are placed by:
-    the measured reuse cost, the predictor's mean predicted importance, or none
-    (even spacing). Files from before "predicted" existed hold the measured
-    cost as "importance"."""
-    if placement not in PLACEMENTS:
-        raise ValueError(f"i_step_placement={placement!r}; accepted: {', '.join(PLACEMENTS)}")
-    if placement == "even" or not calibration:
-        return None
-    values = calibration.get(placement, calibration.get("importance") if placement == "measured" else None)
-    if values is None:
-        raise ValueError(f"i_step_placement={placement!r}: this predictor file has no {placement} calibration; "
-                         f"use {' or '.join(k for k in PLACEMENTS if k != placement)}, or retrain it")
-    return {"sigmas": calibration["sigmas"], "importance": values}
 
 
 class TokenCacheNode(io.ComfyNode):

@@ -6,7 +6,8 @@ The conversion is exact, made in memory from the shipped ComfyUI-format file
 (nothing is stored twice): the model has no pooled text vector, so diffusers'
 pooled-projection embedder gets zero weights and zero inputs (it adds exactly
 0 to the timestep embedding). Needs diffusers (a dev requirement); the pack
-itself never imports it.
+itself never imports it. Imported as dit_token_cache.reference (harness/pack_loader.py):
+the block layouts come from the pack's dit_token_cache.diffusers.flux_layers.
 
     python scripts/convert_reference_to_diffusers.py --out DIR   # save_pretrained() of it
 """
@@ -16,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ..diffusers.flux_layers import BLOCK_PATHS, convert_block
 from .model import MODEL_FILE, label_encoder
 
 POOLED_DIM = 1   # the pooled-projection embedder diffusers always has: zero weights, zero input
@@ -43,45 +45,27 @@ def _linear(out: dict, source: dict, comfy_name: str, diffusers_name: str) -> No
         out[f"{diffusers_name}.{part}"] = source[f"{comfy_name}.{part}"]
 
 
-def _split_linear(out: dict, source: dict, comfy_name: str, diffusers_names, sizes) -> None:
-    """A fused linear (qkv, or single blocks' qkv + MLP input) into its parts, rows in order."""
-    for part in ("weight", "bias"):
-        for name, piece in zip(diffusers_names, source[f"{comfy_name}.{part}"].split(sizes, dim=0)):
-            out[f"{name}.{part}"] = piece.clone()
+def _blocks(out: dict, source: dict, comfy_group: str, count: int, kind: str, hidden: int, mlp: int) -> None:
+    """Every block of a group through the pack's table of the two Flux layouts (flux_layers)."""
+    for i in range(count):
+        prefix = f"{comfy_group}.{i}."
+        block = {name[len(prefix):]: tensor for name, tensor in source.items() if name.startswith(prefix)}
+        ours = f"{BLOCK_PATHS[comfy_group]}.{i}."
+        out.update({ours + name: tensor for name, tensor in convert_block(block, kind, hidden, mlp).items()})
 
 
 def convert_state_dict(source: dict, config: dict) -> dict:
     """ComfyUI (BFL) Flux keys -> diffusers FluxTransformer2DModel keys, tensors unchanged
     but for the fused projections split and the final modulation's (shift, scale) swapped."""
     hidden = config["hidden_size"]
+    mlp = int(hidden * config["mlp_ratio"])
     out = {}
     _linear(out, source, "img_in", "x_embedder")
     _linear(out, source, "txt_in", "context_embedder")
     _linear(out, source, "time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
     _linear(out, source, "time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
-    for i in range(config["depth"]):
-        comfy, ours = f"double_blocks.{i}", f"transformer_blocks.{i}"
-        _linear(out, source, f"{comfy}.img_mod.lin", f"{ours}.norm1.linear")
-        _linear(out, source, f"{comfy}.txt_mod.lin", f"{ours}.norm1_context.linear")
-        _split_linear(out, source, f"{comfy}.img_attn.qkv", [f"{ours}.attn.to_{x}" for x in "qkv"], [hidden] * 3)
-        _split_linear(out, source, f"{comfy}.txt_attn.qkv", [f"{ours}.attn.add_{x}_proj" for x in "qkv"], [hidden] * 3)
-        for comfy_norm, norm in (("img_attn.norm.query_norm", "norm_q"), ("img_attn.norm.key_norm", "norm_k"),
-                                 ("txt_attn.norm.query_norm", "norm_added_q"), ("txt_attn.norm.key_norm", "norm_added_k")):
-            out[f"{ours}.attn.{norm}.weight"] = source[f"{comfy}.{comfy_norm}.weight"]
-        _linear(out, source, f"{comfy}.img_attn.proj", f"{ours}.attn.to_out.0")
-        _linear(out, source, f"{comfy}.txt_attn.proj", f"{ours}.attn.to_add_out")
-        for stream, ff in (("img", "ff"), ("txt", "ff_context")):
-            _linear(out, source, f"{comfy}.{stream}_mlp.0", f"{ours}.{ff}.net.0.proj")
-            _linear(out, source, f"{comfy}.{stream}_mlp.2", f"{ours}.{ff}.net.2")
-    mlp = int(hidden * config["mlp_ratio"])
-    for i in range(config["depth_single_blocks"]):
-        comfy, ours = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        _linear(out, source, f"{comfy}.modulation.lin", f"{ours}.norm.linear")
-        _split_linear(out, source, f"{comfy}.linear1", [f"{ours}.attn.to_{x}" for x in "qkv"] + [f"{ours}.proj_mlp"],
-                      [hidden] * 3 + [mlp])
-        out[f"{ours}.attn.norm_q.weight"] = source[f"{comfy}.norm.query_norm.weight"]
-        out[f"{ours}.attn.norm_k.weight"] = source[f"{comfy}.norm.key_norm.weight"]
-        _linear(out, source, f"{comfy}.linear2", f"{ours}.proj_out")
+    _blocks(out, source, "double_blocks", config["depth"], "double", hidden, mlp)
+    _blocks(out, source, "single_blocks", config["depth_single_blocks"], "single", hidden, mlp)
     _linear(out, source, "final_layer.linear", "proj_out")
     for part in ("weight", "bias"):
         shift, scale = source[f"final_layer.adaLN_modulation.1.{part}"].chunk(2, dim=0)

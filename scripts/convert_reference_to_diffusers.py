@@ -9,8 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reference.diffusers_model import load_reference_transformer  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "harness"))
+from pack_loader import import_pack  # noqa: E402
+
+import_pack(comfy=False)
+from dit_token_cache.reference.diffusers_model import load_reference_transformer  # noqa: E402
 
 
 def main(argv=None):

@@ -321,8 +321,12 @@ def test_bad_settings_and_models_are_refused_clearly(transformer):
         apply_token_cache(transformer)
     with pytest.raises(ValueError, match="cache_ratio"):
         apply_token_cache(transformer, scheduler=scheduler, cache_ratio=2.0)
-    with pytest.raises(ValueError, match="predictor file is not supported on diffusers yet"):
+    with pytest.raises(ValueError, match="predictor= is TokenCache's: give mode='tokencache'"):
+        apply_token_cache(transformer, scheduler=scheduler, predictor="flux.safetensors")
+    with pytest.raises(ValueError, match="flux.safetensors: no such file"):
         apply_token_cache(transformer, scheduler=scheduler, mode="tokencache", predictor="flux.safetensors")
+    with pytest.raises(ValueError, match="i_step_placement='paper'; accepted: measured, predicted, even"):
+        apply_token_cache(transformer, scheduler=scheduler, mode="tokencache", i_step_placement="paper")
     with pytest.raises(ValueError, match="selector='k_norm'"):
         apply_token_cache(transformer, scheduler=scheduler, selector="k_norm")
     assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in transformer.modules())
@@ -361,3 +365,116 @@ def test_pip_install_gives_the_library(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")})
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# the family key and name a ComfyUI predictor file records for each
+COMFYUI_FAMILY = {"flux": "flux", "wan": "wan", "qwen_image": "qwen_image", "sd3": "sd3"}
+
+
+def _predictor_file(path, transformer, family_key, architecture="mlp_mixer", lora_layers=()):
+    """A predictor file as ComfyUI's training writes it for this model (random weights, an even calibration)."""
+    from dit_token_cache.accel_core.lora import BlockLoRA, LoRASpec
+    from dit_token_cache.accel_core.predictor_file import save_predictor
+    from dit_token_cache.accel_core.tokencache import CachePredictor, FirstBlockPredictor
+    from dit_token_cache.diffusers import FAMILIES as ADAPTERS
+    adapter = ADAPTERS[type(transformer).__name__].adapter(transformer)
+    torch.manual_seed(3)
+    if architecture == "mlp_mixer":
+        predictor = CachePredictor(adapter.hidden, adapter.block_count, width=8)
+    else:
+        block, runner, kind = adapter.predictor_parts()
+        predictor = FirstBlockPredictor(block, runner, adapter.hidden, adapter.block_count, kind)
+    last = adapter.block_count - 1
+    lora = None
+    if lora_layers:
+        layers = tuple(f"{adapter.block_paths()[last][0]}.{name}" for name in lora_layers)
+        lora = BlockLoRA(LoRASpec(4, 4.0, (last,), layers), {layer: (adapter.hidden, adapter.hidden) for layer in layers})
+    metadata = {"family": family_key, "hidden_size": adapter.hidden, "blocks": adapter.block_count,
+                "block_counts": adapter.block_layout(), "token_layout": adapter.token_layout, "training": {},
+                "calibration": {"sigmas": [1.0, 0.0], "measured": [1.0, 1.0]}}
+    save_predictor(str(path), predictor, metadata, lora)
+    return path
+
+
+def test_an_mlp_mixer_predictor_file_drives_every_family(family, tmp_path):
+    """A learned mlp_mixer predictor (which reads only the tokens entering the first block, so a file
+    trained in ComfyUI runs in diffusers): its scores decide the P-steps' tokens, not the changes."""
+    spec, transformer = family
+    scheduler = _scheduler()
+    settings = dict(mode="tokencache", i_steps=3, protected_last_blocks=1)
+    fallback = apply_token_cache(transformer, scheduler=scheduler, **settings)
+    try:
+        without = sample(transformer, scheduler, spec=spec)
+    finally:
+        fallback.remove()
+    path = _predictor_file(tmp_path / "p.safetensors", transformer, COMFYUI_FAMILY[spec.name])
+    handle = apply_token_cache(transformer, scheduler=scheduler, predictor=path, **settings)
+    try:
+        got = sample(transformer, scheduler, spec=spec)
+        run = handle.run
+        assert handle.summary().startswith("TokenCache[learned]") and run.stats.work_fraction < 0.9
+        assert run.stats.predictor_flops > 0 and not torch.equal(got, without)
+        assert torch.equal(sample(transformer, scheduler, spec=spec), got)
+    finally:
+        handle.remove()
+
+
+def test_predictor_files_that_cannot_run_here_are_refused_clearly(family, tmp_path):
+    spec, transformer = family
+    scheduler = _scheduler()
+    other = "wan" if spec.name != "wan" else "flux"
+    with pytest.raises(ValueError, match=f"trained for family='{other}'.*train a predictor for this model"):
+        apply_token_cache(transformer, scheduler=scheduler, mode="tokencache",
+                          predictor=_predictor_file(tmp_path / "other.safetensors", transformer, other))
+    if spec.name != "flux":
+        with pytest.raises(ValueError, match="a first-block predictor .* runs on diffusers' Flux only"):
+            apply_token_cache(transformer, scheduler=scheduler, mode="tokencache", predictor=_predictor_file(
+                tmp_path / "block.safetensors", transformer, COMFYUI_FAMILY[spec.name], "first_block"))
+    if spec.name in ("wan", "sd3"):   # ComfyUI names their layers otherwise than diffusers
+        with pytest.raises(ValueError, match="LoRA adapters refine ComfyUI's .* layers, which are not mapped"):
+            apply_token_cache(transformer, scheduler=scheduler, mode="tokencache", predictor=_predictor_file(
+                tmp_path / "lora.safetensors", transformer, COMFYUI_FAMILY[spec.name], lora_layers=("x",)))
+    assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in transformer.modules())
+
+
+def test_flux_plans_text_and_image_tokens_together(transformer):
+    """Flux plans cat(text, image) as ComfyUI's Flux does: at a P-step a double block's image
+    feed-forward runs on the plan's image tokens, its text feed-forward on the plan's text tokens,
+    and a single block's MLP on the whole plan (single blocks run on cat(text, image))."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Tokens(ModelHook):   # registered before the cache's hooks: it sees what the module computes on
+        def __init__(self, seen):
+            super().__init__()
+            self.seen = seen
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.seen.append((handle.active_run.plan.step, args[0].shape[1]))
+            return args, kwargs
+    names = ("transformer_blocks.0.ff", "transformer_blocks.0.ff_context", "single_transformer_blocks.0.proj_mlp")
+    seen = {name: [] for name in names}
+    for name in names:
+        HookRegistry.check_if_exists_or_initialize(transformer.get_submodule(name)).register_hook(
+            Tokens(seen[name]), "tokens")
+    scheduler = _scheduler()
+    handle = apply_token_cache(transformer, scheduler=scheduler, mode="tokencache", i_steps=2, protected_last_blocks=1,
+                               cache_ratio=0.4)
+    try:
+        sample(transformer, scheduler, steps=4, cfg=1.0)
+        (plan,) = handle.run.step_plans.values()
+        (blocks,) = plan.values()
+        image = FAMILIES["flux"].latent[0]
+        double, single = blocks[0], blocks[2]
+        # step 0 in full; the last call (step 3, a P-step: the I-steps are 0 and 2) with the plan kept
+        assert "4 steps: 2 full, 2 conservative" in handle.summary(), handle.summary()
+        def at(name, step):   # tokens computed on at each call of the step (none: nothing to recompute)
+            return [tokens for s, tokens in seen[name] if s == step]
+        assert at(names[0], 0) == [image] * 2 and at(names[1], 0) == [TEXT] * 2 and at(names[2], 0) == [TEXT + image] * 2
+        for name, count in ((names[0], int((double >= TEXT).sum())), (names[1], int((double < TEXT).sum())),
+                            (names[2], single.numel())):
+            assert at(name, 3) == ([count] * 2 if count else []), (name, count, seen[name])
+        assert 0 < single.numel() < TEXT + image and 0 < int((double < TEXT).sum()) < TEXT
+    finally:
+        handle.remove()
+        for name in names:
+            HookRegistry.check_if_exists_or_initialize(transformer.get_submodule(name)).remove_hook("tokens")

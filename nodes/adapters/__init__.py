@@ -9,6 +9,10 @@ import torch
 
 from ...accel_core.memory import CacheLayout
 
+# TokenCache's planning space where text and image tokens are planned together (the Flux family in both
+# hosts): a predictor file trained in one host drives the other
+JOINT_TOKEN_LAYOUT = "cat(txt, img): the tokens entering the first double-stream block"
+
 
 class Adapter(Protocol):
     """What a family adapter provides (FluxFamilyAdapter, ModulewiseAdapter):

@@ -15,7 +15,7 @@ from ...accel_core.memory import BlockCache, CacheLayout
 from ...accel_core.run import BlockMode
 from ...accel_core.schedule import StepKind
 from ...accel_core.tokencache import PlanningInput
-from . import cross_attn_tokens, latent_tokens, plain_float_copy
+from . import JOINT_TOKEN_LAYOUT, cross_attn_tokens, latent_tokens, plain_float_copy
 from .flux_blocks import (double_block_forward, double_token_mods, finite_fp16, gated, linear_params, mlp_branch,
                           modulate, single_block_forward, single_finish, single_mlp_act, single_mod, take_tokens,
                           token_mods)
@@ -29,7 +29,7 @@ class FluxFamilyAdapter:
 
     family_key = ""   # set by families.adapter_for
     selectors = SELECTORS
-    token_layout = "cat(txt, img): the tokens entering the first double-stream block"
+    token_layout = JOINT_TOKEN_LAYOUT
 
     autograd_through_blocks = True
     output_layer = "final_layer"   # reads the last block's image tokens: what LoRA refinement is trained against

@@ -21,6 +21,11 @@ TokenCache plans in the space of the image/video tokens entering the first
 block (each group says where a block gets and returns them): a P-step's plan
 picks those tokens per block; a second token stream (text) and tokens a block
 gets after them (HiDream's single blocks append text) are recomputed whole.
+Where the first group names its text input too (diffusers' Flux), the plan is
+over cat(text, image), as ComfyUI's Flux adapter plans: each stream gets its
+part of it, and blocks that run on cat(text, image) get it whole. Predictor
+training runs on image-token plans only (it is ComfyUI's, and no ComfyUI
+family declares a text input).
 """
 import functools
 from dataclasses import dataclass, field
@@ -32,7 +37,7 @@ import torch.utils.checkpoint
 from ...accel_core.memory import BlockCache, CacheLayout
 from ...accel_core.run import BlockMode, staleness_key
 from ...accel_core.tokencache import PlanningInput, call_for_autograd, map_block_args, map_tensors
-from . import cross_attn_tokens, latent_tokens, plain_float_copy
+from . import JOINT_TOKEN_LAYOUT, cross_attn_tokens, latent_tokens, plain_float_copy
 
 REUSE, SUBSET = "reuse", "subset"
 SELECTORS = ("random", "similarity")
@@ -57,6 +62,8 @@ class BlockGroup:
     token_input: tuple = (0, "x")               # (position, keyword) of the image/video tokens in a block call
     token_output: Optional[int] = None          # their place in the block's output tuple (None: the output is them)
     text_in_tokens: bool = False                # those tokens carry the text too (one joint stream)
+    text_input: Optional[tuple] = None          # (position, keyword) of the text tokens: plan cat(text, image)
+    text_output: Optional[int] = None           # their place in the block's output tuple
 
 
 POSITIONAL = "positional_args"   # a block call as one dict (TokenCache's block args): positional args + keywords
@@ -168,6 +175,7 @@ class _BlockCall:
         self.computed_tokens = 0
         self.stream_tokens = {}   # stream -> (tokens, device), as seen by its submodules
         self.selection = {}       # stream -> indices, shared by the stream's submodules
+        self.changes = {}         # stream -> its tokens' change since the last computed step (TokenCache)
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor:
@@ -199,7 +207,11 @@ class ModulewiseAdapter:
         self.last_block = len(self.blocks) - 1
         self.block_count = len(self.blocks)
         self.call: Optional[_BlockCall] = None
+        self.joint_plan = self.blocks[0][2].text_input is not None   # TokenCache plans cat(text, image)
+        if self.joint_plan:
+            self.token_layout = JOINT_TOKEN_LAYOUT
         self.planned_tokens = 0   # tokens in TokenCache's planning space at the evaluation under way
+        self.planned_text = 0     # of which text, at its start
 
     # -- what the cache will hold ------------------------------------------------
     def cache_layout(self, latent_shape, text_tokens: int, dtype_bytes: int) -> CacheLayout:
@@ -216,7 +228,7 @@ class ModulewiseAdapter:
             subsets = [tokens[spec.stream] for spec in group.modules if spec.role == SUBSET]
             blocks.append(BlockCache(tuple(features), tuple(tokens[s] for s in streams), tuple(subsets)))
         first = self.blocks[0][2]
-        planned = image + text_tokens if first.text_in_tokens else image
+        planned = image + text_tokens if first.text_in_tokens or self.joint_plan else image
         blocks = [BlockCache(b.features, b.counters, b.selector_inputs, planned) for b in blocks]
         last = self.blocks[-1][2]
         final = (tokens[0],) if last.token_output is None else tuple(
@@ -248,7 +260,7 @@ class ModulewiseAdapter:
         if run is None or run.plan is None:
             return forward(*args, **kwargs)
         if block_id == 0 and run.planner is not None:
-            tokens = _tokens_of(args, kwargs, group.token_input)
+            tokens = self._planning_tokens(group, args, kwargs)
             self.planned_tokens = tokens.shape[1]
             run.plan_tokens(self.planned_tokens, lambda: PlanningInput(tokens, call_dict(args, kwargs)))
         work = _state(run).work.get(block_id)
@@ -265,6 +277,8 @@ class ModulewiseAdapter:
             output = forward(*args, **kwargs)
         finally:
             call, self.call = self.call, None
+        if call.changes:
+            self._note_changes(run, block_id, group, call.changes)
         if mode is BlockMode.FULL or mode is BlockMode.FALLBACK:
             # every token computed: the work aggressive steps count, and the final state they estimate
             rows = _first_tensor(args, kwargs).shape[0]
@@ -316,9 +330,9 @@ class ModulewiseAdapter:
         return self._get_output(run, block_id, key, x.device)
 
     def _fill(self, run, block_id, spec, key, x, output):
-        if spec.role == SUBSET and spec.stream == 0 and run.planner is not None:
+        if spec.role == SUBSET and run.planner is not None and (spec.stream == 0 or self.joint_plan):
             # TokenCache's training-free score: how much the block's token-wise output changed
-            run.note_change(block_id, [(key + "0", _flatten(output)[0])], tokens=self.planned_tokens)
+            self.call.changes[spec.stream] = run.token_change(block_id, key + "0", _flatten(output)[0])
         for j, part in enumerate(_flatten(output)):
             if part is not None:
                 run.put_feature(block_id, key + str(j), part)
@@ -359,13 +373,35 @@ class ModulewiseAdapter:
 
     def _planned_selection(self, run, block_id, stream, tokens, device):
         """TokenCache's plan for the image/video tokens; text streams and tokens
-        after the planned ones are recomputed."""
+        after the planned ones are recomputed. A plan over cat(text, image):
+        each stream's part of it, or all of it where the block's tokens are cat(text, image)."""
+        if self.joint_plan:
+            index = run.select(block_id, self.planned_tokens, None, device)
+            if self._group(block_id).text_in_tokens:
+                return index
+            text = self.planned_text
+            return index[index >= text] - text if stream == 0 else index[index < text]
         if stream != 0:
             return torch.arange(tokens, device=device)
         index = run.select(block_id, self.planned_tokens, None, device)
         if tokens > self.planned_tokens:
             index = torch.cat((index, torch.arange(self.planned_tokens, tokens, device=device)))
         return index
+
+    def _planning_tokens(self, group, args, kwargs) -> torch.Tensor:
+        """What enters the first block in the planning space: its image tokens, after its text where the plan holds text."""
+        image = _tokens_of(args, kwargs, group.token_input)
+        if not self.joint_plan:
+            return image
+        text = _tokens_of(args, kwargs, group.text_input)
+        self.planned_text = text.shape[1]
+        return torch.cat((text, image), dim=1)
+
+    def _note_changes(self, run, block_id, group, changes):
+        """The block's change per planned token: its image stream's (text first where the plan holds text)."""
+        joint_streams = self.joint_plan and not group.text_in_tokens
+        parts = [changes.get(1), changes.get(0)] if joint_streams else [changes.get(0)]
+        run.put_change(block_id, parts, tokens=self.planned_tokens)
 
     # -- the last block's output, estimated by aggressive steps ----------------------
     def _store_output(self, run, output):
@@ -559,11 +595,14 @@ class ModulewiseBlockRunner:
         args, kwargs = split_call(map_block_args(inputs.block_args,
                                                  lambda t: t.to(dtype) if t.is_floating_point() else t))
         # a copy: blocks may add to their input in place, and at inference it is the model's own
-        args, kwargs = _with_tokens(args, kwargs, self.group.token_input,
-                                    _tokens_of(args, kwargs, self.group.token_input).clone())
+        for slot in (self.group.token_input, self.group.text_input):
+            if slot is not None:
+                args, kwargs = _with_tokens(args, kwargs, slot, _tokens_of(args, kwargs, slot).clone())
         out = type(block).forward(block, *args, **kwargs)
-        out = out if self.group.token_output is None else out[self.group.token_output]
-        return out[:, :inputs.tokens.shape[1]]
+        tokens = out if self.group.token_output is None else out[self.group.token_output]
+        if self.group.text_input is not None:
+            return torch.cat((out[self.group.text_output], tokens), dim=1)
+        return tokens[:, :inputs.tokens.shape[1]]
 
     def flops(self, block, tokens: int) -> float:
         """One row's work, as an estimate: every linear layer on every token, and attention."""
