@@ -371,8 +371,9 @@ def test_pip_install_gives_the_library(tmp_path):
 COMFYUI_FAMILY = {"flux": "flux", "wan": "wan", "qwen_image": "qwen_image", "sd3": "sd3"}
 
 
-def _predictor_file(path, transformer, family_key, architecture="mlp_mixer", lora_layers=()):
-    """A predictor file as ComfyUI's training writes it for this model (random weights, an even calibration)."""
+def _predictor_file(path, transformer, family_key, architecture="mlp_mixer", lora_layers=None):
+    """A predictor file as ComfyUI's training writes it for this model (random weights, an even calibration);
+    lora_layers: {ComfyUI layer: (in, out)} of LoRA adapters in the last block (random weights)."""
     from dit_token_cache.accel_core.lora import BlockLoRA, LoRASpec
     from dit_token_cache.accel_core.predictor_file import save_predictor
     from dit_token_cache.accel_core.tokencache import CachePredictor, FirstBlockPredictor
@@ -384,11 +385,11 @@ def _predictor_file(path, transformer, family_key, architecture="mlp_mixer", lor
     else:
         block, runner, kind = adapter.predictor_parts()
         predictor = FirstBlockPredictor(block, runner, adapter.hidden, adapter.block_count, kind)
-    last = adapter.block_count - 1
     lora = None
     if lora_layers:
-        layers = tuple(f"{adapter.block_paths()[last][0]}.{name}" for name in lora_layers)
-        lora = BlockLoRA(LoRASpec(4, 4.0, (last,), layers), {layer: (adapter.hidden, adapter.hidden) for layer in layers})
+        lora = BlockLoRA(LoRASpec(4, 4.0, (adapter.block_count - 1,), tuple(lora_layers)), lora_layers)
+        for parameter in lora.parameters():
+            parameter.data.normal_(0.0, 0.05)
     metadata = {"family": family_key, "hidden_size": adapter.hidden, "blocks": adapter.block_count,
                 "block_counts": adapter.block_layout(), "token_layout": adapter.token_layout, "training": {},
                 "calibration": {"sigmas": [1.0, 0.0], "measured": [1.0, 1.0]}}
@@ -417,6 +418,25 @@ def test_an_mlp_mixer_predictor_file_drives_every_family(family, tmp_path):
         assert torch.equal(sample(transformer, scheduler, spec=spec), got)
     finally:
         handle.remove()
+    layers = LORA_LAYERS.get(spec.name)
+    if layers is None:
+        return
+    path = _predictor_file(tmp_path / "lora.safetensors", transformer, COMFYUI_FAMILY[spec.name], lora_layers=layers)
+    handle = apply_token_cache(transformer, scheduler=scheduler, predictor=path, **settings)
+    try:
+        refined = sample(transformer, scheduler, spec=spec)
+        assert handle.summary().startswith("TokenCache[learned+LoRA]") and handle.run.stats.adapter_flops > 0
+        assert not torch.equal(refined, got) and (refined - got).norm() < 0.5 * got.norm()
+    finally:
+        handle.remove()
+    assert torch.equal(sample(transformer, scheduler, spec=spec), sample(transformer, scheduler, spec=spec))
+    assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in transformer.modules())
+
+
+# LoRA adapters of a ComfyUI predictor in the last block, by ComfyUI's layer names and (in, out): Flux's
+# fused linear1 (q, k, v and the MLP input) and modulation; Qwen-Image's, named as in diffusers
+LORA_LAYERS = {"flux": {"single_blocks.2.linear1": (64, 448), "single_blocks.2.modulation.lin": (64, 192)},
+               "qwen_image": {"transformer_blocks.2.img_mlp.net.2": (128, 32), "transformer_blocks.2.attn.to_q": (32, 32)}}
 
 
 def test_predictor_files_that_cannot_run_here_are_refused_clearly(family, tmp_path):
@@ -433,7 +453,7 @@ def test_predictor_files_that_cannot_run_here_are_refused_clearly(family, tmp_pa
     if spec.name in ("wan", "sd3"):   # ComfyUI names their layers otherwise than diffusers
         with pytest.raises(ValueError, match="LoRA adapters refine ComfyUI's .* layers, which are not mapped"):
             apply_token_cache(transformer, scheduler=scheduler, mode="tokencache", predictor=_predictor_file(
-                tmp_path / "lora.safetensors", transformer, COMFYUI_FAMILY[spec.name], lora_layers=("x",)))
+                tmp_path / "lora.safetensors", transformer, COMFYUI_FAMILY[spec.name], lora_layers={"x": (2, 2)}))
     assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in transformer.modules())
 
 
