@@ -296,6 +296,34 @@ def timed(transformer, method, labels, seed, cfg) -> float:
         remove()
 
 
+def peak_memory(transformer, method, labels, seed, cfg) -> int:
+    """Peak bytes of CPU tensors allocated during one generation, beyond what
+    was allocated before it (activations and whatever the cache holds), from
+    torch's profiler: each op's own allocations and frees in time order, and
+    the frees outside ops ("[memory]")."""
+    from torch.profiler import ProfilerActivity, profile
+    transformer, denoise, remove = start(transformer, method)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            generate(transformer, denoise, labels, seed, method.steps, cfg, method.sampler)
+    finally:
+        remove()
+    live = peak = 0
+    for event in sorted(profiler.events(), key=lambda e: e.time_range.start):
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def memory_rows(transformer, methods, labels, args) -> list:
+    """Each method's peak_memory on the timing batch, and its ratio to the uncached run's (methods[0])."""
+    rows = [{"method": m.name, "family": m.family, "peak_bytes": peak_memory(transformer, m, labels[:args.timing_batch],
+                                                                             args.seed, args.cfg)} for m in methods]
+    for row in rows:
+        row["memory_ratio"] = row["peak_bytes"] / rows[0]["peak_bytes"]
+    return rows
+
+
 def measure(transformer, methods, labels, classifier, real_features, args) -> list:
     rows, images = [], {}
     for method in methods:
@@ -310,6 +338,8 @@ def measure(transformer, methods, labels, classifier, real_features, args) -> li
         for i, method in enumerate(methods):
             times[i].append(timed(transformer, method, labels[:args.timing_batch], args.seed, args.cfg))
     reference = images[methods[0].name]
+    for row, memory in zip(rows, memory_rows(transformer, methods, labels, args)):
+        row.update(peak_bytes=memory["peak_bytes"], memory_ratio=memory["memory_ratio"])
     for row, seconds in zip(rows, times):
         row["seconds"] = statistics.median(seconds)
         row["wall_speedup"] = statistics.median(times[0]) / row["seconds"]
@@ -319,14 +349,27 @@ def measure(transformer, methods, labels, classifier, real_features, args) -> li
     return rows
 
 
+def memory_cell(row) -> str:
+    return f"{row['peak_bytes'] / 2**20:.2f} MiB ({row['memory_ratio']:.2f}x)"
+
+
+def memory_table(results: dict) -> str:
+    lines = []
+    for steps, rows in results.items():
+        lines += [f"\n{steps} steps, peak memory of one generation:\n", "| method | peak memory |", "|---|---|"]
+        lines += [f"| {row['method']} | {memory_cell(row)} |" for row in rows]
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     lines = []
     for steps, rows in results.items():
-        lines += [f"\n{steps} steps:\n", "| method | work speedup | wall speedup | PSNR dB | SSIM | accuracy | FD |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"\n{steps} steps:\n", "| method | work speedup | wall speedup | PSNR dB | SSIM | accuracy | FD | "
+                  "peak memory |", "|---|---|---|---|---|---|---|---|"]
         for row in sorted(rows, key=lambda r: (r["work_speedup"], r["method"])):
             lines.append(f"| {row['method']} | {row['work_speedup']:.2f}x | {row['wall_speedup']:.2f}x | "
-                         f"{row['psnr']:.2f} | {row['ssim']:.4f} | {row['acc_all']:.3f} | {row['fd']:.2f} |")
+                         f"{row['psnr']:.2f} | {row['ssim']:.4f} | {row['acc_all']:.3f} | {row['fd']:.2f} | "
+                         f"{memory_cell(row)} |")
     return "\n".join(lines)
 
 
@@ -383,6 +426,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--exclude", help="leave out the methods whose name matches this regular expression")
     parser.add_argument("--only", help="run only the methods whose name matches this regular expression")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="measure only each method's peak memory (no images, no timing): peers_memory.json")
     parser.add_argument("--plot", type=Path, help="write the PSNR / wall speedup fronts here")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "peers")
     args = parser.parse_args(argv)
@@ -400,13 +445,18 @@ def main(argv=None):
     def kept(method):   # --exclude / --only never drop the uncached run every row is measured against
         return method.name == "uncached" or ((not args.exclude or not re.search(args.exclude, method.name))
                                              and (not args.only or re.search(args.only, method.name)))
-    results = {steps: measure(transformer, list(filter(kept, methods_for(steps, args.quick, mag_ratios[steps]))),
-                              labels, classifier, real_features, args)
-               for steps in args.steps}
+    methods = {steps: list(filter(kept, methods_for(steps, args.quick, mag_ratios[steps]))) for steps in args.steps}
     report = {"diffusers": diffusers.__version__, "cache_dit": cache_dit.__version__, "torch": torch.__version__,
               "samples": args.samples, "cfg": args.cfg, "exclude": args.exclude, "only": args.only, "repeats": args.repeats,
-              "timing_batch": args.timing_batch, "mag_ratios": mag_ratios, "results": results}
-    (args.out / "peers.json").write_text(json.dumps(report, indent=1))
+              "timing_batch": args.timing_batch, "mag_ratios": mag_ratios}
+    if args.memory_only:
+        results = {steps: memory_rows(transformer, methods[steps], labels, args) for steps in args.steps}
+        (args.out / "peers_memory.json").write_text(json.dumps({**report, "results": results}, indent=1))
+        print(f"diffusers {diffusers.__version__}, cache-dit {cache_dit.__version__}, batch {args.timing_batch}, "
+              f"cfg {args.cfg}" + memory_table(results))
+        return
+    results = {steps: measure(transformer, methods[steps], labels, classifier, real_features, args) for steps in args.steps}
+    (args.out / "peers.json").write_text(json.dumps({**report, "results": results}, indent=1))
     if args.plot:
         plot(results, args.plot)
     print(f"diffusers {diffusers.__version__}, cache-dit {cache_dit.__version__}, {args.samples} samples, cfg {args.cfg}"

@@ -29,6 +29,11 @@ def test_peers_benchmark_quick_mode(tmp_path):
         assert rows[name]["work_speedup"] > 1.0, name
     assert len(report["mag_ratios"]["6"]) == 6   # MagCache's own calibration: a ratio a step
     assert all(0 < row["psnr"] < 100 for name, row in rows.items() if row["work_speedup"] > 1.0)
+    # peak memory of one generation: fewer steps run the same calls (the same activations); the pack's
+    # caches hold block outputs, a linear forecast two full steps of them
+    assert rows["uncached"]["memory_ratio"] == 1.0
+    assert abs(rows["3 euler steps"]["memory_ratio"] - 1.0) < 0.05
+    assert rows["DuCa N=3 linear"]["peak_bytes"] > rows["DuCa N=3 reuse"]["peak_bytes"] > rows["uncached"]["peak_bytes"]
     assert (tmp_path / "front.png").stat().st_size > 0
     assert report["diffusers"] == "0.42.1" and report["cache_dit"] == "1.5.3"
 
