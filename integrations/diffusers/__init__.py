@@ -128,7 +128,7 @@ def flux_predictor_block(adapter: ModulewiseAdapter):
     first_block() and the tensor renaming load_predictor takes)."""
     block = adapter.blocks[0][1]
     kind = flux_layers.KINDS[adapter.blocks[0][2].path]
-    hidden, mlp_hidden = adapter.hidden, getattr(getattr(block, "proj_mlp", None), "out_features", 0)
+    hidden, mlp_hidden = adapter.hidden, flux_layers.mlp_hidden(block)
 
     def first_block():
         return adapter.predictor_block(for_training=False), adapter.predictor_runner(), kind
@@ -140,10 +140,9 @@ def flux_lora_layers(adapter: ModulewiseAdapter) -> dict:
     layers = {}
     for path, block, group in adapter.blocks:
         ours = path.removeprefix(ROOT)
-        kind = flux_layers.KINDS[group.path]
-        comfy = ours.replace(group.path, {"double": "double_blocks", "single": "single_blocks"}[kind], 1)
-        mlp_hidden = getattr(getattr(block, "proj_mlp", None), "out_features", 0)
-        for layer, parts in flux_layers.linear_layers(kind, adapter.hidden, mlp_hidden).items():
+        comfy = ours.replace(group.path, flux_layers.COMFY_PATHS[group.path], 1)
+        layers_of = flux_layers.linear_layers(flux_layers.KINDS[group.path], adapter.hidden, flux_layers.mlp_hidden(block))
+        for layer, parts in layers_of.items():
             layers[f"{comfy}.{layer}"] = [(f"{ours}.{name}", rows) for name, rows in parts]
     return layers
 

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 BLOCK_PATHS = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
+COMFY_PATHS = {ours: comfy for comfy, ours in BLOCK_PATHS.items()}
 KINDS = {"transformer_blocks": "double", "single_transformer_blocks": "single"}   # diffusers group -> ComfyUI's block kind
 
 Parts = List[Tuple[str, Optional[slice]]]   # (diffusers layer, its rows of the ComfyUI layer's output; None: all)
@@ -45,6 +46,11 @@ NORMS = {"double": {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.ke
          "single": {"norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}}
 
 
+def mlp_hidden(block) -> int:
+    """Width of a diffusers Flux block's MLP projection, which single blocks split out of ComfyUI's linear1 (0: none)."""
+    return getattr(getattr(block, "proj_mlp", None), "out_features", 0)
+
+
 def convert_block(source: Dict[str, torch.Tensor], kind: str, hidden: int, mlp_hidden: int) -> Dict[str, torch.Tensor]:
     """A ComfyUI Flux block's tensors (names relative to the block) under diffusers' names; a KeyError names
     the first tensor missing."""
@@ -58,10 +64,3 @@ def convert_block(source: Dict[str, torch.Tensor], kind: str, hidden: int, mlp_h
         out[f"{name}.weight"] = source[f"{comfy}.weight"]
     return out
 
-
-def diffusers_layer(layer: str) -> Tuple[str, str, str]:
-    """'single_blocks.4.linear1' -> ('single_transformer_blocks.4', 'single', 'linear1')."""
-    group, index, rest = layer.split(".", 2)
-    if group not in BLOCK_PATHS:
-        raise ValueError(f"layer {layer!r} is in no Flux block (expected double_blocks.N... or single_blocks.N...)")
-    return f"{BLOCK_PATHS[group]}.{index}", "double" if group == "double_blocks" else "single", rest
