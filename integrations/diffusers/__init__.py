@@ -352,11 +352,11 @@ def _load_for(family: Family, adapter: ModulewiseAdapter, path: str):
             raise PredictorFileError(f"{name}: its LoRA adapters refine ComfyUI's {adapter.family} layers, which are "
                                      "not mapped to diffusers' yet; use a predictor trained with lora_rank 0")
         layers = family.lora_layers(adapter) if family.lora_layers else {}
-        # a ComfyUI layer's (in, out): a split one's out is the sum of the layers it became
+        # a ComfyUI layer's (in, out): a split one's out is the sum of the layers it became (read only for a LoRA)
         linear = adapter.diffusion_model.get_submodule
-        shapes = {layer: (linear(parts[0][0]).in_features, sum(linear(part).out_features for part, _ in parts))
-                  for layer, parts in layers.items()}
-        lora = load_lora(path, lambda: shapes, adapter.block_count)
+        lora = load_lora(path, lambda: {layer: (linear(parts[0][0]).in_features,
+                                                sum(linear(part).out_features for part, _ in parts))
+                                        for layer, parts in layers.items()}, adapter.block_count)
     except PredictorFileError as error:
         raise ValueError(f"TokenCache predictor {name} cannot drive this model: {error}") from None
     return predictor, metadata.get("calibration"), lora, layers
